@@ -1,0 +1,50 @@
+# The README explains every target. Each one builds the virtualenv it needs on first use.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch, installed before the `train` extra so pip never reaches for a CUDA build.
+TORCH_VERSION ?= 2.13.0
+HOST ?= 127.0.0.1
+PORT ?= 8000
+# Where `make train` writes the exported default model.
+MODEL_DIR ?= models/default
+
+.PHONY: serve test lint train train-quality clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# The service alone: no torch.
+$(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+# Training and development tools on top.
+$(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
+	touch $@
+
+serve: $(VENV)/.serve-installed
+	VAE_MODEL_DIR=$${VAE_MODEL_DIR:-models/default} \
+	$(BIN)/python -m uvicorn --factory service.main:create_app --host $(HOST) --port $(PORT)
+
+lint: $(VENV)/.dev-installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest
+
+train: $(VENV)/.dev-installed
+	$(BIN)/python -m training train --out runs/default
+	$(BIN)/python -m training export --checkpoint runs/default/best.pt --out $(MODEL_DIR)
+
+# The default recipe against the pytorch/examples VAE recipe, same data and epochs.
+train-quality: $(VENV)/.dev-installed
+	$(BIN)/python bench/train_quality.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""The VAE inference service (FastAPI on ONNX Runtime). Never imports torch."""

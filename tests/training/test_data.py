@@ -1,0 +1,133 @@
+"""Datasets: digits, the IDX parser, image folders, and the split."""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from training.data import DataError, load_dataset, read_idx, split_dataset
+
+
+def _idx_bytes(array: np.ndarray) -> bytes:
+    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(np.uint8).tobytes()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+    return path
+
+
+@pytest.fixture
+def images() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 256, size=(5, 6, 7), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"], ids=["plain", "gzip"])
+def test_read_idx_round_trip(tmp_path: Path, images: np.ndarray, suffix: str) -> None:
+    path = _write(tmp_path / f"train-images-idx3-ubyte{suffix}", _idx_bytes(images))
+    np.testing.assert_array_equal(read_idx(path), images)
+
+
+def test_read_idx_rejects_bad_magic(tmp_path: Path, images: np.ndarray) -> None:
+    data = bytearray(_idx_bytes(images))
+    data[2] = 0x0D  # float32 type code
+    path = _write(tmp_path / "bad", bytes(data))
+    with pytest.raises(DataError, match=r"bad: bad IDX magic 00000d03; expected 0000 08 0N"):
+        read_idx(path)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"], ids=["plain", "gzip"])
+def test_read_idx_rejects_truncation(tmp_path: Path, images: np.ndarray, suffix: str) -> None:
+    path = _write(tmp_path / f"short{suffix}", _idx_bytes(images)[:-10])
+    with pytest.raises(DataError, match=r"truncated: shape \(5, 6, 7\) needs 210 bytes of data, found 200"):
+        read_idx(path)
+
+
+def test_read_idx_rejects_truncated_header_and_gzip(tmp_path: Path, images: np.ndarray) -> None:
+    with pytest.raises(DataError, match="the header alone needs 16"):
+        read_idx(_write(tmp_path / "h", _idx_bytes(images)[:9]))
+    broken = tmp_path / "broken.gz"
+    broken.write_bytes(gzip.compress(_idx_bytes(images))[:-12])
+    with pytest.raises(DataError, match="broken.gz: cannot read"):
+        read_idx(broken)
+
+
+def test_idx_directory_uses_its_test_file(tmp_path: Path, images: np.ndarray) -> None:
+    _write(tmp_path / "train-images-idx3-ubyte.gz", _idx_bytes(np.tile(images, (4, 1, 1))))
+    _write(tmp_path / "train-labels-idx1-ubyte", _idx_bytes(np.arange(20) % 10))
+    _write(tmp_path / "t10k-images-idx3-ubyte", _idx_bytes(images[:3]))
+    dataset = load_dataset("idx", tmp_path)
+    assert dataset.images.shape == (20, 1, 6, 7) and dataset.images.dtype == np.float32
+    assert dataset.images.max() <= 1.0 and dataset.labels is not None
+    train, val, test = split_dataset(dataset, seed=0)
+    assert len(test.images) == 3 and test.labels is None
+    assert len(train.images) + len(val.images) == 20
+
+
+def test_idx_directory_lists_expected_names(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"expected train-images-idx3-ubyte or train-images-idx3-ubyte\.gz"):
+        load_dataset("idx", tmp_path)
+
+
+def test_idx_labels_must_match_images(tmp_path: Path, images: np.ndarray) -> None:
+    _write(tmp_path / "train-images-idx3-ubyte", _idx_bytes(images))
+    _write(tmp_path / "train-labels-idx1-ubyte", _idx_bytes(np.arange(4)))
+    with pytest.raises(DataError, match="4 labels for 5 images"):
+        load_dataset("idx", tmp_path)
+
+
+def test_digits_is_the_embedded_default() -> None:
+    dataset = load_dataset("digits")
+    assert dataset.images.shape == (1797, 1, 8, 8)
+    assert float(dataset.images.min()) == 0.0 and float(dataset.images.max()) == 1.0
+    assert dataset.labels is not None and set(dataset.labels.tolist()) == set(range(10))
+
+
+def test_split_is_seeded_disjoint_and_complete() -> None:
+    dataset = load_dataset("digits")
+    a = split_dataset(dataset, seed=0)
+    b = split_dataset(dataset, seed=0)
+    c = split_dataset(dataset, seed=1)
+    for part_a, part_b in zip(a, b, strict=True):
+        np.testing.assert_array_equal(part_a.images, part_b.images)
+    assert not np.array_equal(a[2].images, c[2].images)
+    rows = {row.tobytes() for part in a for row in part.images}
+    everything = {row.tobytes() for row in dataset.images}
+    assert rows == everything  # nothing lost (digits has a few duplicate images, hence sets)
+    assert [len(p.images) for p in a] == [1258, 180, 359]
+
+
+def test_folder_reads_modes_resizes_and_labels_by_directory(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    for label, mode in [("cats", "RGB"), ("dogs", "LA")]:
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            Image.new(mode, (20, 13), color=(200, 10, 10) if mode == "RGB" else (200, 255)).save(
+                tmp_path / label / f"{i}.png"
+            )
+    (tmp_path / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING):
+        dataset = load_dataset("folder", tmp_path, image_size=10, channels=3)
+    assert dataset.images.shape == (6, 3, 10, 10)
+    assert dataset.labels is not None and dataset.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    assert "skipped 1 files that are not images by extension: notes.txt" in caplog.text
+
+
+def test_folder_errors_name_the_problem(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no image files"):
+        load_dataset("folder", tmp_path)
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    with pytest.raises(DataError, match=r"broken\.png: unreadable image"):
+        load_dataset("folder", tmp_path)
+    with pytest.raises(DataError, match="image folder not found"):
+        load_dataset("folder", tmp_path / "missing")
+    with pytest.raises(DataError, match="needs a path"):
+        load_dataset("idx")

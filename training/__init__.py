@@ -1,0 +1,1 @@
+"""Train, evaluate and export a VAE (PyTorch). Never imported by the service."""

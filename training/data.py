@@ -1,0 +1,226 @@
+"""Datasets by name, loaded whole into memory, and the seeded train / validation / test split.
+
+- `digits` (default): scikit-learn's embedded 8x8 handwritten digits, pixels / 16, 1x8x8.
+- `idx`: a directory in the MNIST / Fashion-MNIST layout, parsed directly from the IDX format.
+- `folder`: a directory of image files (sub-directories become labels), converted and resized.
+
+Every image tensor is float32 (N, C, H, W) in [0, 1].
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "DATASETS",
+    "DataError",
+    "Dataset",
+    "Split",
+    "load_dataset",
+    "read_idx",
+    "split_dataset",
+]
+
+log = logging.getLogger(__name__)
+
+DatasetName = Literal["digits", "idx", "folder"]
+DATASETS: tuple[DatasetName, ...] = ("digits", "idx", "folder")
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+)
+
+# IDX: two zero bytes, a type code, the number of dimensions (http://yann.lecun.com/exdb/mnist/).
+_IDX_UBYTE = 0x08
+_IDX_TRAIN_IMAGES = "train-images-idx3-ubyte"
+_IDX_TEST_IMAGES = "t10k-images-idx3-ubyte"
+_IDX_TRAIN_LABELS = "train-labels-idx1-ubyte"
+_IDX_TEST_LABELS = "t10k-labels-idx1-ubyte"
+
+Images = npt.NDArray[np.float32]
+Labels = npt.NDArray[np.int64]
+
+
+class DataError(ValueError):
+    """A dataset that cannot be read; the message names the file and the problem."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One part of a dataset."""
+
+    images: Images  # (N, C, H, W) float32 in [0, 1]
+    labels: Labels | None  # (N,) or None when the dataset has no labels
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A loaded dataset, with its own test part when the source defines one (IDX t10k files)."""
+
+    name: DatasetName
+    source: str
+    images: Images
+    labels: Labels | None
+    test: Split | None = None
+    # Light strokes on a dark background (digits, MNIST) or the reverse.
+    foreground: Literal["light", "dark"] = "light"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        _, c, h, w = self.images.shape
+        return (c, h, w)
+
+
+def read_idx(path: Path) -> npt.NDArray[np.uint8]:
+    """Parse an IDX file of unsigned bytes (plain or .gz) into an array of its declared shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            data = handle.read()
+    except (OSError, EOFError) as error:  # gzip raises these for corrupt or truncated archives
+        raise DataError(f"{path}: cannot read ({error})") from error
+    if len(data) < 4:
+        raise DataError(f"{path}: truncated: {len(data)} bytes, shorter than the 4-byte IDX magic")
+    zero, dtype, ndim = data[0:2], data[2], data[3]
+    if zero != b"\x00\x00" or dtype != _IDX_UBYTE or not 1 <= ndim <= 4:
+        raise DataError(
+            f"{path}: bad IDX magic {data[:4].hex()}; expected 0000 08 0N (unsigned bytes, N dimensions)"
+        )
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated: {len(data)} bytes, the header alone needs {header}")
+    dims = struct.unpack(f">{ndim}I", data[4:header])
+    expected = int(np.prod(dims))
+    body = len(data) - header
+    if body != expected:
+        what = "truncated" if body < expected else "trailing data"
+        raise DataError(f"{path}: {what}: shape {dims} needs {expected} bytes of data, found {body}")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (root / name).is_file():
+            return root / name
+    return None
+
+
+def _load_idx(root: Path) -> Dataset:
+    if not root.is_dir():
+        raise DataError(f"{root}: IDX dataset directory not found")
+    train_path = _find_idx(root, _IDX_TRAIN_IMAGES)
+    if train_path is None:
+        raise DataError(
+            f"{root}: no training images; expected {_IDX_TRAIN_IMAGES} or {_IDX_TRAIN_IMAGES}.gz "
+            f"(and optionally {_IDX_TEST_IMAGES}[.gz], {_IDX_TRAIN_LABELS}[.gz], {_IDX_TEST_LABELS}[.gz])"
+        )
+
+    def part(images_path: Path, labels_stem: str) -> Split:
+        raw = read_idx(images_path)
+        if raw.ndim != 3:
+            raise DataError(f"{images_path}: expected 3 dimensions (N, H, W), found shape {raw.shape}")
+        labels_path = _find_idx(root, labels_stem)
+        labels = None
+        if labels_path is not None:
+            labels = read_idx(labels_path).astype(np.int64)
+            if labels.shape != (raw.shape[0],):
+                raise DataError(f"{labels_path}: {labels.shape[0]} labels for {raw.shape[0]} images")
+        return Split((raw[:, None].astype(np.float32) / 255.0), labels)
+
+    train = part(train_path, _IDX_TRAIN_LABELS)
+    test_path = _find_idx(root, _IDX_TEST_IMAGES)
+    test = part(test_path, _IDX_TEST_LABELS) if test_path is not None else None
+    if test is not None and test.images.shape[1:] != train.images.shape[1:]:
+        raise DataError(f"{test_path}: image shape {test.images.shape[1:]} differs from the training images")
+    return Dataset("idx", str(root), train.images, train.labels, test=test)
+
+
+def _load_folder(root: Path, image_size: int, channels: int) -> Dataset:
+    if not root.is_dir():
+        raise DataError(f"{root}: image folder not found")
+    files = sorted(p for p in root.rglob("*") if p.is_file())
+    images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
+    skipped = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    if skipped:
+        log.warning(
+            "%s: skipped %d files that are not images by extension: %s",
+            root,
+            len(skipped),
+            ", ".join(str(p.relative_to(root)) for p in skipped[:10]) + (" ..." if len(skipped) > 10 else ""),
+        )
+    if not images:
+        raise DataError(
+            f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); {len(skipped)} other files"
+        )
+    mode = "L" if channels == 1 else "RGB"
+    arrays = []
+    for path in images:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                converted = image.convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
+        except (UnidentifiedImageError, OSError, ValueError) as error:
+            raise DataError(f"{path}: unreadable image ({error})") from error
+        array = np.asarray(converted, dtype=np.float32) / 255.0
+        arrays.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
+    # Images in sub-directories are labelled by directory, in sorted order.
+    class_names = sorted({p.parent.relative_to(root).as_posix() for p in images})
+    labels = None
+    if len(class_names) > 1:
+        index = {name: i for i, name in enumerate(class_names)}
+        labels = np.array([index[p.parent.relative_to(root).as_posix()] for p in images], dtype=np.int64)
+    return Dataset("folder", str(root), np.stack(arrays).astype(np.float32), labels)
+
+
+def _load_digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = (np.asarray(digits.images, dtype=np.float32) / 16.0)[:, None]
+    return Dataset("digits", "sklearn.datasets.load_digits", images, np.asarray(digits.target, np.int64))
+
+
+def load_dataset(
+    name: DatasetName, path: Path | None = None, *, image_size: int = 28, channels: int = 1
+) -> Dataset:
+    """Load a dataset by name; `path` is required for `idx` and `folder`."""
+    if name == "digits":
+        return _load_digits()
+    if path is None:
+        raise DataError(f"dataset {name!r} needs a path (--data-dir)")
+    if name == "idx":
+        return _load_idx(path)
+    if name == "folder":
+        return _load_folder(path, image_size, channels)
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def split_dataset(
+    dataset: Dataset, *, seed: int, val_fraction: float = 0.1, test_fraction: float = 0.2
+) -> tuple[Split, Split, Split]:
+    """Seeded, deterministic (train, val, test). A dataset's own test part is used as the test set."""
+    n = len(dataset.images)
+    order = np.random.default_rng(seed).permutation(n)
+    n_test = 0 if dataset.test is not None else round(n * test_fraction)
+    n_val = round(n * val_fraction)
+    if n - n_test - n_val < 1 or n_val < 1:
+        raise DataError(f"{dataset.source}: {n} images are too few to split (val {n_val}, test {n_test})")
+
+    def take(idx: npt.NDArray[np.int64]) -> Split:
+        idx = np.sort(idx)
+        labels = dataset.labels[idx] if dataset.labels is not None else None
+        return Split(dataset.images[idx], labels)
+
+    test = dataset.test if dataset.test is not None else take(order[:n_test])
+    val = take(order[n_test : n_test + n_val])
+    train = take(order[n_test + n_val :])
+    return train, val, test

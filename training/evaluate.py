@@ -1,0 +1,81 @@
+"""Test-split metrics in nats per image: one-sample negative ELBO, its two terms, IWAE bound, active units."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from training.model import VAE, DiagonalGaussian
+
+__all__ = ["Metrics", "active_units", "evaluate", "iwae_nll"]
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Matches the model card's `metrics` block."""
+
+    neg_elbo: float  # one-sample negative ELBO, as pytorch/examples reports its test loss
+    reconstruction: float  # one-sample -log p(x|z)
+    kl: float  # closed-form KL(q(z|x) || N(0, I))
+    iwae_nll: float  # importance-weighted estimate of -log p(x), a tighter upper bound
+    iwae_samples: int
+    active_units: int  # latent dimensions with Cov_x(E_q[z]) > 0.01
+    images: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@torch.no_grad()
+def iwae_nll(model: VAE, x: Tensor, k: int, generator: torch.Generator, chunk: int = 250) -> Tensor:
+    """-log p(x) ~= -log (1/k) sum_j p(x|z_j) p(z_j) / q(z_j|x), z_j ~ q(z|x) (Burda et al. 2016). (B,)"""
+    q = model.posterior(x)
+    prior = DiagonalGaussian(torch.zeros_like(q.mu), torch.zeros_like(q.logvar))
+    log_weights = []
+    for start in range(0, k, chunk):
+        draws = min(chunk, k - start)
+        # (draws, B, D): the same posterior, sampled `draws` times
+        eps = torch.randn((draws, *q.mu.shape), generator=generator)
+        z = q.mu + q.std * eps
+        x_rep = x.expand(draws, *x.shape).reshape(-1, *x.shape[1:])
+        recon = model.reconstruction_nll(x_rep, z.reshape(-1, z.shape[-1])).reshape(draws, -1)
+        log_weights.append(-recon + prior.log_prob(z) - q.log_prob(z))
+    return -(torch.logsumexp(torch.cat(log_weights), dim=0) - math.log(k))
+
+
+@torch.no_grad()
+def active_units(model: VAE, x: Tensor, threshold: float = 0.01) -> int:
+    """Dimensions whose posterior mean varies across the data: Cov_x(E_q[z]) > threshold."""
+    mu = model.posterior(x).mu
+    return int((mu.var(dim=0, unbiased=True) > threshold).sum())
+
+
+@torch.no_grad()
+def evaluate(model: VAE, images: Tensor, *, k: int = 1000, seed: int = 0, batch_size: int = 256) -> Metrics:
+    """All test metrics of `model` on `images` (N, C, H, W); the model is put back in its mode after."""
+    was_training = model.training
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    recon_sum, kl_sum, iwae_sum = 0.0, 0.0, 0.0
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size]
+        recon, kl, _ = model(x, generator)
+        recon_sum += float(recon.sum())
+        kl_sum += float(kl.sum())
+        iwae_sum += float(iwae_nll(model, x, k, generator).sum())
+    units = active_units(model, images)
+    model.train(was_training)
+    n = len(images)
+    return Metrics(
+        neg_elbo=(recon_sum + kl_sum) / n,
+        reconstruction=recon_sum / n,
+        kl=kl_sum / n,
+        iwae_nll=iwae_sum / n,
+        iwae_samples=k,
+        active_units=units,
+        images=n,
+    )
