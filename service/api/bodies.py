@@ -1,0 +1,201 @@
+"""Reading request bodies: JSON or multipart images, 415 / 422 / 400 with specific details, and their docs.
+
+Routes that take images accept them two ways: multipart `files` (one part per image) or JSON
+`{"images": [<base64>, ...]}`. Routes read their own bodies (rather than letting FastAPI parse one fixed
+type) because one path takes both; `request_body` documents what they read in the OpenAPI schema.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+from fastapi import HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ValidationError
+from starlette.datastructures import UploadFile
+
+from service import imaging
+from service.model_card import InputSpec
+from service.schemas import ImagesRequest
+
+__all__ = [
+    "JSON",
+    "MULTIPART",
+    "Upload",
+    "decode_images",
+    "latent_matrix",
+    "parse_json",
+    "read_body",
+    "read_json",
+    "request_body",
+    "validation_error",
+]
+
+JSON = "application/json"
+MULTIPART = "multipart/form-data"
+# The multipart field that carries image files.
+FILES_FIELD = "files"
+
+M = TypeVar("M", bound=BaseModel)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One image as received, with the name errors use for it."""
+
+    label: str  # "file 2 ('digit.png')" or "images[2]"
+    data: bytes
+
+
+def validation_error(
+    loc: tuple[str | int, ...], message: str, kind: str = "value_error"
+) -> RequestValidationError:
+    """A 422 shaped like FastAPI's own: `{"detail": [{"type", "loc", "msg"}]}`."""
+    return RequestValidationError([{"type": kind, "loc": loc, "msg": message}])
+
+
+def _media_type(request: Request) -> str:
+    return request.headers.get("content-type", "").partition(";")[0].strip().lower()
+
+
+def _unsupported(media_type: str, accepted: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+        detail=f"content type {media_type or '(none)'!r} is not supported here; send {accepted}",
+    )
+
+
+async def read_json(request: Request, model: type[M]) -> M:
+    """The body as `model`; 415 unless it is JSON, 422 naming the fields that are wrong."""
+    media_type = _media_type(request)
+    if media_type != JSON:
+        raise _unsupported(media_type, JSON)
+    return parse_json(model, await request.body())
+
+
+async def read_body(request: Request) -> bytes | list[Upload]:
+    """The JSON bytes (parsed by the caller), or the multipart image files; 415 for anything else."""
+    media_type = _media_type(request)
+    if media_type == JSON:
+        return await request.body()
+    if media_type != MULTIPART:
+        raise _unsupported(media_type, f"{JSON} or {MULTIPART} (images in parts named '{FILES_FIELD}')")
+    async with request.form() as form:
+        uploads = []
+        for i, part in enumerate(form.getlist(FILES_FIELD)):
+            if not isinstance(part, UploadFile):
+                raise validation_error(
+                    ("body", FILES_FIELD, i), f"{FILES_FIELD}[{i}] is a text field, not a file"
+                )
+            uploads.append(Upload(f"file {i} ({part.filename!r})", await part.read()))
+    if not uploads:
+        raise validation_error(
+            ("body", FILES_FIELD), f"no images: send one multipart part named '{FILES_FIELD}' per image"
+        )
+    return uploads
+
+
+def parse_json(model: type[M], body: bytes) -> M:
+    """Validate JSON bytes as `model`; errors become a 422 located in the body (inputs are not echoed)."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as error:
+        details = error.errors(include_url=False, include_input=False, include_context=False)
+        raise RequestValidationError(
+            [{**detail, "loc": ("body", *detail["loc"])} for detail in details]
+        ) from None
+
+
+def decode_images(body: bytes | list[Upload], spec: InputSpec, *, invert: bool, limit: int) -> imaging.Floats:
+    """(N, C, H, W) model tensors from JSON `{"images": [...]}` bytes or multipart uploads.
+
+    422 past `limit` images; 400 naming the first empty or unreadable one.
+    """
+    if isinstance(body, bytes):
+        field = "images"
+        uploads = [
+            Upload(f"images[{i}]", data) for i, data in enumerate(parse_json(ImagesRequest, body).images)
+        ]
+    else:
+        field, uploads = FILES_FIELD, body
+    if len(uploads) > limit:
+        raise validation_error(
+            ("body", field), f"{len(uploads)} images sent; this server takes at most {limit} per request"
+        )
+    decoded = []
+    for upload in uploads:
+        try:
+            decoded.append(imaging.load_image(upload.data, spec, invert=invert))
+        except imaging.ImageError as error:
+            raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"{upload.label} {error}") from error
+    return np.stack(decoded)
+
+
+def latent_matrix(
+    vectors: list[list[float]], latent_dim: int, *, loc: tuple[str, ...], noun: str, limit: int
+) -> npt.NDArray[np.float64]:
+    """(N, D) from vectors already checked to be finite; 422 naming each vector of the wrong length."""
+    if len(vectors) > limit:
+        raise validation_error(
+            loc, f"{len(vectors)} vectors sent; this server takes at most {limit} per request"
+        )
+    wrong = [
+        {
+            "type": "latent_length",
+            "loc": (*loc, i),
+            "msg": f"{noun} {i} has {len(vector)} values; this model takes {latent_dim}",
+        }
+        for i, vector in enumerate(vectors)
+        if len(vector) != latent_dim
+    ]
+    if wrong:
+        raise RequestValidationError(wrong)
+    return np.asarray(vectors, dtype=np.float64).reshape(len(vectors), latent_dim)
+
+
+def request_body(model: type[BaseModel] | None, *, images: bool) -> dict[str, Any]:
+    """`openapi_extra` documenting what a route reads: `model` as JSON and/or multipart image files."""
+    content: dict[str, Any] = {}
+    if model is not None:
+        schema = _inline_refs(model.model_json_schema())
+        examples = schema.get("examples", [])
+        content[JSON] = {
+            "schema": schema,
+            "examples": {f"example {i + 1}": {"value": value} for i, value in enumerate(examples)},
+        }
+    if images:
+        content[MULTIPART] = {
+            "schema": {
+                "type": "object",
+                "required": [FILES_FIELD],
+                "properties": {
+                    FILES_FIELD: {
+                        "type": "array",
+                        "items": {"type": "string", "format": "binary"},
+                        "description": "One part per image file (PNG, JPEG, ...; any mode Pillow reads).",
+                    }
+                },
+            },
+        }
+    return {"requestBody": {"required": True, "content": content}}
+
+
+def _inline_refs(schema: dict[str, Any]) -> dict[str, Any]:
+    """Replace `#/$defs/...` references by the definitions, so the schema stands alone in OpenAPI."""
+    definitions: dict[str, Any] = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(definitions[ref.removeprefix("#/$defs/")])
+            return {key: resolve(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [resolve(item) for item in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved

@@ -1,0 +1,57 @@
+"""POST /interpolate: images along the path between two latents (or between the mu of two images)."""
+
+from __future__ import annotations
+
+import numpy as np
+import numpy.typing as npt
+from fastapi import APIRouter, Request, Response
+
+from service import gaussian
+from service.api.bodies import (
+    FILES_FIELD,
+    decode_images,
+    latent_matrix,
+    parse_json,
+    read_body,
+    request_body,
+    validation_error,
+)
+from service.api.deps import Format, Invert, Method, ModelDep, Scale, Steps
+from service.api.responses import IMAGE_OUTPUT, error_responses, images_response
+from service.schemas import InterpolateRequest, InterpolateResponse
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["interpolate"])
+
+
+@router.post(
+    "/interpolate",
+    summary="Interpolate between latents or images",
+    response_model=InterpolateResponse,
+    responses={**IMAGE_OUTPUT, **error_responses(400, 415)},
+    openapi_extra=request_body(InterpolateRequest, images=True),
+)
+async def interpolate(
+    request: Request,
+    model: ModelDep,
+    steps: Steps,
+    scale: Scale,
+    method: Method = "slerp",
+    image_format: Format = "png",
+    invert: Invert = False,
+) -> Response:
+    """Decode `steps` latents from start to end: JSON `latents` [start, end], or two multipart images."""
+    body = await read_body(request)
+    ends: npt.NDArray[np.floating]
+    if isinstance(body, list):
+        if len(body) != 2:
+            raise validation_error(
+                ("body", FILES_FIELD), f"{len(body)} images sent; interpolation takes exactly 2"
+            )
+        ends, _ = model.encode(decode_images(body, model.card.input, invert=invert, limit=2))
+    else:
+        latents = parse_json(InterpolateRequest, body).latents
+        ends = latent_matrix(latents, model.latent_dim, loc=("body", "latents"), noun="latent", limit=2)
+    path = gaussian.interpolate(ends[0], ends[1], steps, method).astype(np.float32)
+    return images_response(model.decode(path), image_format, scale, latents=path)

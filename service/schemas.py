@@ -1,0 +1,244 @@
+"""Request and response bodies. Field names mean the same thing on every endpoint:
+
+`images` (base64 PNGs, pixel arrays or uploaded images), `latents` (z vectors, one per image),
+`mu` / `logvar` (the diagonal Gaussian q(z|x)), `kl` (nats, against the prior unless a target is given).
+A latent's length is checked against the loaded model where the request is read (`service.api.bodies`).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, WithJsonSchema
+
+from service.model_card import DatasetInfo, InputSpec, TestMetrics
+
+__all__ = [
+    "DecodeRequest",
+    "DecodeResponse",
+    "EncodeResponse",
+    "ErrorResponse",
+    "GaussianParams",
+    "HealthResponse",
+    "ImageData",
+    "ImagesRequest",
+    "InterpolateRequest",
+    "InterpolateResponse",
+    "KLRequest",
+    "KLResponse",
+    "LogVariance",
+    "ModelFile",
+    "ModelInfo",
+    "ReadyResponse",
+    "ReconstructResponse",
+    "SampleResponse",
+    "Vector",
+]
+
+# Latent coordinates beyond this are certainly not from the model and would overflow the KL's squares.
+_LATENT_BOUND = 1e6
+# exp(logvar) must stay finite in float64 (it overflows past 709).
+_LOGVAR_BOUND = 100.0
+
+# Numbers only: strict refuses "1.5" and true; NaN and Infinity are refused too.
+LatentValue = Annotated[float, Strict(), Field(allow_inf_nan=False, ge=-_LATENT_BOUND, le=_LATENT_BOUND)]
+LogVarianceValue = Annotated[float, Strict(), Field(allow_inf_nan=False, ge=-_LOGVAR_BOUND, le=_LOGVAR_BOUND)]
+Vector = Annotated[
+    list[LatentValue],
+    Field(min_length=1, description="A latent vector: latent_dim numbers (GET /model)."),
+]
+LogVariance = Annotated[
+    list[LogVarianceValue],
+    Field(min_length=1, description="log sigma^2 per latent dimension: latent_dim numbers."),
+]
+
+
+def _from_base64(value: object) -> object:
+    """A base64 string (optionally a data: URL, line breaks allowed) -> its bytes."""
+    if not isinstance(value, str):
+        return value  # the bytes validator refuses it with its own message
+    payload = value.partition(",")[2] if value.startswith("data:") else value
+    try:
+        return base64.b64decode("".join(payload.split()), validate=True)
+    except binascii.Error as error:
+        raise ValueError("not valid base64") from error
+
+
+ImageData = Annotated[
+    bytes,
+    BeforeValidator(_from_base64),
+    WithJsonSchema(
+        {
+            "type": "string",
+            "contentEncoding": "base64",
+            "description": "An image file (PNG, JPEG, ...) in base64; a data: URL is accepted too.",
+        }
+    ),
+]
+Base64PNG = Annotated[str, Field(description="A PNG file in base64.")]
+PixelArray = Annotated[list[list[list[float]]], Field(description="(C, H, W) pixel values in [0, 1].")]
+Images = Annotated[
+    list[Base64PNG] | list[PixelArray],
+    Field(description="One image per latent: base64 PNGs (format=png) or pixel arrays (format=array)."),
+]
+
+# Examples are sized for the default model's latent_dim (tests post each one to it).
+_D = 16
+# The first image of scikit-learn's digits (a zero), 8x8 greyscale, as a PNG in base64.
+_EXAMPLE_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAARklEQVR42gXBYRVAMBgAwHt7/vsiaGCaLIJGIqyCBp4EI4E1III7lLYFaG99i0Ge"
+    "lh55T+LqbpI4GUm+WeQP01PqAdZW8QOg+BHx1aT2vAAAAABJRU5ErkJggg=="
+)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImagesRequest(_Request):
+    """Images as base64 strings in JSON (the alternative to multipart `files`)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"images": [_EXAMPLE_PNG]}]})
+
+    images: list[ImageData] = Field(min_length=1, description="Image files in base64.")
+
+
+class DecodeRequest(_Request):
+    """Latent vectors to decode into images."""
+
+    model_config = ConfigDict(
+        json_schema_extra={"examples": [{"latents": [[0.0] * _D, [1.0, -1.0] * (_D // 2)]}]}
+    )
+
+    latents: list[Vector] = Field(min_length=1)
+
+
+class GaussianParams(_Request):
+    """A diagonal Gaussian N(mu, diag(exp(logvar)))."""
+
+    mu: Vector
+    logvar: LogVariance
+
+
+class KLRequest(_Request):
+    """One posterior (vectors) or a batch (lists of vectors), and optionally the Gaussian to compare with."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"mu": [0.5] * _D, "logvar": [-1.0] * _D},
+                {"mu": [[0.5] * _D, [0.0] * _D], "logvar": [[-1.0] * _D, [0.0] * _D]},
+                {
+                    "mu": [0.5] * _D,
+                    "logvar": [-1.0] * _D,
+                    "target": {"mu": [0.2] * _D, "logvar": [-0.5] * _D},
+                },
+            ]
+        }
+    )
+
+    mu: Vector | Annotated[list[Vector], Field(min_length=1)]
+    logvar: LogVariance | Annotated[list[LogVariance], Field(min_length=1)]
+    target: GaussianParams | None = Field(default=None, description="p in KL(q || p); N(0, I) when absent.")
+
+
+class InterpolateRequest(_Request):
+    """The two latents to interpolate between."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{"latents": [[-1.0] * _D, [1.0] * _D]}]})
+
+    latents: list[Vector] = Field(min_length=2, max_length=2, description="Start and end.")
+
+
+class EncodeResponse(BaseModel):
+    """q(z|x) per image, in the order sent."""
+
+    mu: list[list[float]] = Field(description="(N, D) posterior means.")
+    logvar: list[list[float]] = Field(description="(N, D) posterior log-variances.")
+    kl: list[float] = Field(description="(N,) KL(q(z|x) || N(0, I)) in nats.")
+    z: list[list[list[float]]] | None = Field(
+        default=None, description="(N, samples, D) draws mu + sigma * eps; present when samples > 0."
+    )
+
+
+class DecodeResponse(BaseModel):
+    """Decoded images (Bernoulli means), one per latent."""
+
+    images: Images
+
+
+class SampleResponse(BaseModel):
+    """Draws from the prior and their decoded images."""
+
+    latents: list[list[float]] = Field(description="(n, D) the z that were decoded.")
+    images: Images
+
+
+class KLResponse(BaseModel):
+    """KL divergences in nats, one per posterior (always a list, also for a single one)."""
+
+    kl: list[float] = Field(description="(N,) total KL per posterior.")
+    kl_per_dim: list[list[float]] = Field(description="(N, D) KL per latent dimension.")
+
+
+class ReconstructResponse(BaseModel):
+    """Reconstructions (decoder mean at mu) and their loss."""
+
+    images: Images
+    reconstruction: list[float] = Field(
+        description="(N,) -log p(x | z = mu) in nats: Bernoulli negative log-likelihood summed over pixels."
+    )
+
+
+class InterpolateResponse(BaseModel):
+    """The path between two latents and its images."""
+
+    latents: list[list[float]] = Field(description="(steps, D) points from start to end inclusive.")
+    images: Images
+
+
+class HealthResponse(BaseModel):
+    """The process answers."""
+
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    """The model is loaded, checked and warmed up."""
+
+    status: Literal["ready"] = "ready"
+    provider: str = Field(description="The ONNX Runtime execution provider running the model.")
+
+
+class ModelFile(BaseModel):
+    """One ONNX graph of the model."""
+
+    file: str
+    sha256: str
+
+
+class ModelInfo(BaseModel):
+    """The loaded model: its card's essentials and how it runs here."""
+
+    name: str
+    created_at: datetime
+    architecture: str
+    input: InputSpec
+    input_shape: tuple[int, int, int] = Field(description="(C, H, W) of one image.")
+    latent_dim: int
+    likelihood: str
+    logvar_range: tuple[float, float]
+    provider: str = Field(description="The ONNX Runtime execution provider running the model.")
+    providers: list[str] = Field(description="All providers of the sessions, in ONNX Runtime's order.")
+    files: dict[str, ModelFile] = Field(description="encoder and decoder.")
+    metrics: TestMetrics
+    dataset: DatasetInfo
+
+
+class ErrorResponse(BaseModel):
+    """An error that is not a validation error: the reason, in words."""
+
+    detail: str

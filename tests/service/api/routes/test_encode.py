@@ -1,0 +1,182 @@
+"""POST /encode: multipart or base64 JSON images -> mu, logvar, kl and z."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service import gaussian
+from service.model_card import ModelCard
+from service.schemas import EncodeResponse
+from tests.service.conftest import LIMITS
+from tests.service.helpers import b64, body, detail, digit_png, files, messages, png, truncated_png
+
+
+def test_one_image(client: TestClient, card: ModelCard) -> None:
+    result = body(client.post("/encode", files=files(digit_png(0))), EncodeResponse)
+    assert np.shape(result.mu) == np.shape(result.logvar) == (1, card.latent_dim)
+    assert result.z is None
+    expected_kl = gaussian.kl_to_prior(result.mu, result.logvar).sum(axis=1)
+    # mu and logvar went through float32 and JSON; the KL was summed from the unrounded float32 values.
+    np.testing.assert_allclose(result.kl, expected_kl, rtol=1e-6)
+
+
+def test_many_images_keep_their_order(client: TestClient) -> None:
+    together = body(
+        client.post("/encode", files=files(digit_png(0), digit_png(1), digit_png(2))), EncodeResponse
+    )
+    alone = [body(client.post("/encode", files=files(digit_png(i))), EncodeResponse).mu[0] for i in range(3)]
+    np.testing.assert_allclose(together.mu, alone, rtol=1e-6, atol=1e-7)  # batch vs single kernels
+
+
+def test_json_base64_matches_multipart(client: TestClient) -> None:
+    data = digit_png(3)
+    multipart = client.post("/encode", files=files(data))
+    as_json = client.post("/encode", json={"images": [b64(data)]})
+    as_data_url = client.post("/encode", json={"images": ["data:image/png;base64," + b64(data)]})
+    assert multipart.content == as_json.content == as_data_url.content
+
+
+def test_samples_are_the_reparameterised_draws(client: TestClient, card: ModelCard) -> None:
+    result = body(
+        client.post("/encode?samples=4&seed=11", files=files(digit_png(0), digit_png(5))), EncodeResponse
+    )
+    assert np.shape(result.z) == (2, 4, card.latent_dim)
+    eps = np.random.default_rng(11).standard_normal((2, 4, card.latent_dim))
+    expected = np.asarray(result.mu)[:, None] + np.exp(0.5 * np.asarray(result.logvar))[:, None] * eps
+    # z is returned as float32.
+    np.testing.assert_allclose(result.z, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_same_seed_gives_byte_identical_responses(client: TestClient) -> None:
+    images = files(digit_png(0), digit_png(7))
+    first = client.post("/encode?samples=3&seed=42", files=images)
+    second = client.post("/encode?samples=3&seed=42", files=images)
+    other = client.post("/encode?samples=3&seed=43", files=images)
+    assert first.status_code == 200
+    assert first.content == second.content
+    assert other.content != first.content
+
+
+def test_without_a_seed_draws_differ(client: TestClient) -> None:
+    images = files(digit_png(0))
+    assert (
+        client.post("/encode?samples=2", files=images).content
+        != client.post("/encode?samples=2", files=images).content
+    )
+
+
+def test_invert_reads_dark_on_light_images(client: TestClient) -> None:
+    pixels = np.asarray(np.random.default_rng(0).integers(0, 256, size=(8, 8)), dtype=np.uint8)
+    plain = body(client.post("/encode", files=files(png(pixels))), EncodeResponse)
+    inverted = body(client.post("/encode?invert=true", files=files(png(255 - pixels))), EncodeResponse)
+    # 1 - (1 - x) in float32 can differ from x by one ulp.
+    np.testing.assert_allclose(inverted.mu, plain.mu, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("content", "content_type", "expected"),
+    [
+        (b"hello", "text/plain", "content type 'text/plain' is not supported here; send application/json or"),
+        (b"hello", None, "content type '(none)' is not supported here"),
+        (b"<a/>", "application/xml", "content type 'application/xml' is not supported here"),
+    ],
+    ids=["text", "none", "xml"],
+)
+def test_unsupported_content_type_is_415(
+    client: TestClient, content: bytes, content_type: str | None, expected: str
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    response = client.post("/encode", content=content, headers=headers)
+    assert detail(response, 415).startswith(expected)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", "file 1 ('image1.png') is empty (0 bytes)"),
+        (b"GIF89a but not really", "file 1 ('image1.png') is not an image format Pillow can read"),
+        (truncated_png(), "file 1 ('image1.png') cannot be decoded"),
+    ],
+    ids=["empty", "garbage", "truncated"],
+)
+def test_unreadable_file_is_400_naming_it(client: TestClient, data: bytes, expected: str) -> None:
+    response = client.post("/encode", files=files(digit_png(0), data))
+    assert detail(response, 400).startswith(expected)
+
+
+def test_unreadable_json_image_is_400_naming_it(client: TestClient) -> None:
+    response = client.post("/encode", json={"images": [b64(digit_png(0)), b64(b"nope")]})
+    assert detail(response, 400) == "images[1] is not an image format Pillow can read"
+    response = client.post("/encode", json={"images": [""]})
+    assert detail(response, 400) == "images[0] is empty (0 bytes)"
+
+
+@pytest.mark.parametrize(
+    ("payload", "expected"),
+    [
+        ({"images": ["!!!not base64"]}, (("body", "images", 0), "Value error, not valid base64")),
+        ({"images": []}, (("body", "images"), "List should have at least 1 item after validation, not 0")),
+        ({"images": "abc"}, (("body", "images"), "Input should be a valid array")),
+        ({"images": [12]}, (("body", "images", 0), "Input should be a valid bytes")),
+        ({}, (("body", "images"), "Field required")),
+        ({"images": [b64(b"x")], "other": 1}, (("body", "other"), "Extra inputs are not permitted")),
+    ],
+    ids=["bad-base64", "empty-list", "string", "number", "missing", "extra-field"],
+)
+def test_bad_json_is_422(
+    client: TestClient, payload: object, expected: tuple[tuple[object, ...], str]
+) -> None:
+    assert messages(client.post("/encode", json=payload)) == [expected]
+
+
+def test_malformed_json_is_422(client: TestClient) -> None:
+    response = client.post("/encode", content=b'{"images": [', headers={"content-type": "application/json"})
+    [(loc, message)] = messages(response)
+    assert loc == ("body",)
+    assert message.startswith("Invalid JSON")
+
+
+def test_multipart_without_files_is_422(client: TestClient) -> None:
+    response = client.post(
+        "/encode", data={"other": "x"}, files={"unrelated": ("a.png", digit_png(0), "image/png")}
+    )
+    assert messages(response) == [
+        (("body", "files"), "no images: send one multipart part named 'files' per image")
+    ]
+
+
+def test_multipart_text_in_files_is_422(client: TestClient) -> None:
+    response = client.post("/encode", data={"files": "not a file"}, files={"x": ("a", b"", "text/plain")})
+    assert messages(response) == [(("body", "files", 0), "files[0] is a text field, not a file")]
+
+
+def test_too_many_images_is_422(limited: TestClient) -> None:
+    limit = LIMITS["max_images"]
+    images = [digit_png(i) for i in range(limit + 1)]
+    expected = f"{limit + 1} images sent; this server takes at most {limit} per request"
+    assert messages(limited.post("/encode", files=files(*images))) == [(("body", "files"), expected)]
+    assert messages(limited.post("/encode", json={"images": [b64(i) for i in images]})) == [
+        (("body", "images"), expected)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [
+        ("samples=-1", (("query", "samples"), "Input should be greater than or equal to 0")),
+        ("samples=3", (("query", "samples"), "samples is 3; this server allows at most 2 (VAE_MAX_SAMPLES)")),
+        (
+            "samples=two",
+            (("query", "samples"), "Input should be a valid integer, unable to parse string as an integer"),
+        ),
+        ("seed=-5", (("query", "seed"), "Input should be greater than or equal to 0")),
+        ("invert=maybe", (("query", "invert"), "Input should be a valid boolean, unable to interpret input")),
+    ],
+    ids=["negative-samples", "too-many-samples", "word", "negative-seed", "bad-invert"],
+)
+def test_bad_options_are_422(
+    limited: TestClient, query: str, expected: tuple[tuple[object, ...], str]
+) -> None:
+    assert messages(limited.post(f"/encode?{query}", files=files(digit_png(0)))) == [expected]

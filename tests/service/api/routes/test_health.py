@@ -1,0 +1,41 @@
+"""GET /health, /ready, /model."""
+
+from __future__ import annotations
+
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.main import create_app
+from service.model_card import ModelCard
+from service.schemas import HealthResponse, ModelInfo, ReadyResponse
+from tests.service.helpers import body, detail
+
+
+def test_health(client: TestClient) -> None:
+    assert body(client.get("/health"), HealthResponse).status == "ok"
+
+
+def test_ready_reports_the_provider(client: TestClient) -> None:
+    ready = body(client.get("/ready"), ReadyResponse)
+    assert ready.status == "ready"
+    assert ready.provider == "CPUExecutionProvider"
+
+
+def test_model_summarises_the_card(client: TestClient, card: ModelCard) -> None:
+    info = body(client.get("/model"), ModelInfo)
+    assert info.name == card.name
+    assert info.input_shape == card.input_shape
+    assert info.latent_dim == card.latent_dim
+    assert info.provider == "CPUExecutionProvider"
+    assert info.providers == ["CPUExecutionProvider"]
+    assert info.files["encoder"].sha256 == card.encoder.sha256
+    assert info.files["decoder"].sha256 == card.decoder.sha256
+    assert info.metrics == card.metrics
+    assert info.dataset == card.dataset
+
+
+def test_before_the_lifespan_only_health_answers(settings: Settings) -> None:
+    client = TestClient(create_app(settings))  # not entered: the lifespan has not loaded the model
+    assert client.get("/health").status_code == 200
+    assert detail(client.get("/ready"), 503) == "the model is not loaded yet"
+    assert detail(client.get("/model"), 503) == "the model is not loaded yet"

@@ -1,0 +1,72 @@
+"""Service fixtures: the committed default model, settings for it, and one app with its lifespan run."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.main import create_app
+from service.model_card import ModelCard, load_card
+
+MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "default"
+# Tests run on the CPU provider only, so that they behave the same on machines with and without a GPU.
+CPU = ["CPUExecutionProvider"]
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """models/default as exported by `make train` (committed)."""
+    assert (MODEL_DIR / "model.json").is_file(), f"{MODEL_DIR} has no model.json: run `make train`"
+    return MODEL_DIR
+
+
+@pytest.fixture(scope="session")
+def card(model_dir: Path) -> ModelCard:
+    return load_card(model_dir)
+
+
+@pytest.fixture(scope="session")
+def settings(model_dir: Path) -> Settings:
+    return Settings(model_dir=model_dir, providers=CPU, intra_op_threads=1)
+
+
+@pytest.fixture(scope="session")
+def client(settings: Settings) -> Iterator[TestClient]:
+    """One app for the whole session, lifespan included (its model loads once)."""
+    with TestClient(create_app(settings)) as test_client:
+        yield test_client
+
+
+@pytest.fixture
+def model_copy(model_dir: Path, tmp_path: Path) -> Path:
+    """A writable copy of the default model directory, for tampering with."""
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    return copy
+
+
+@pytest.fixture(scope="session")
+def cuda_active(model_dir: Path, card: ModelCard) -> bool:
+    """Whether ONNX Runtime really runs on CUDA here (not merely lists the provider)."""
+    import onnxruntime as ort
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    available = [name for name in providers if name in ort.get_available_providers()]
+    session = ort.InferenceSession(str(model_dir / card.encoder.file), providers=available)
+    return bool(session.get_providers()[0] == "CUDAExecutionProvider")
+
+
+# Small request limits, so that each bound can be crossed with a small request.
+LIMITS = {"max_images": 2, "max_latents": 3, "max_samples": 2, "max_steps": 4, "max_scale": 2}
+
+
+@pytest.fixture(scope="session")
+def limited(settings: Settings) -> Iterator[TestClient]:
+    """An app with the small `LIMITS`."""
+    with TestClient(create_app(settings.model_copy(update=LIMITS))) as test_client:
+        yield test_client

@@ -1,0 +1,87 @@
+"""Settings from the environment, and the checks that stop a bad configuration before anything loads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.config import Settings, get_settings
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, model_dir: Path) -> pytest.MonkeyPatch:
+    """A clean VAE_* environment pointing at the default model."""
+    for name in list(os.environ):
+        if name.startswith("VAE_"):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("VAE_MODEL_DIR", str(model_dir))
+    return monkeypatch
+
+
+def test_defaults(env: pytest.MonkeyPatch, model_dir: Path) -> None:
+    settings = Settings()
+    assert settings.model_dir == model_dir
+    assert settings.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    assert settings.require_gpu is False
+    assert settings.intra_op_threads == len(os.sched_getaffinity(0))
+
+
+def test_environment_is_read_with_the_prefix(env: pytest.MonkeyPatch) -> None:
+    env.setenv("VAE_PROVIDERS", " CPUExecutionProvider , CUDAExecutionProvider")
+    env.setenv("VAE_REQUIRE_GPU", "true")
+    env.setenv("VAE_INTRA_OP_THREADS", "3")
+    env.setenv("VAE_MAX_IMAGES", "5")
+    settings = Settings()
+    assert settings.providers == ["CPUExecutionProvider", "CUDAExecutionProvider"]
+    assert settings.require_gpu is True
+    assert settings.intra_op_threads == 3
+    assert settings.max_images == 5
+
+
+def test_missing_model_dir_fails_fast(env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env.setenv("VAE_MODEL_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(
+        ValidationError, match=r"model directory '.*nowhere' does not exist \(set VAE_MODEL_DIR\)"
+    ):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (
+            "CPUExecutionProvider,GPUExecutionProvider",
+            "unknown execution provider GPUExecutionProvider; known: ",
+        ),
+        (" , ", "no execution provider given"),
+    ],
+    ids=["unknown-name", "empty"],
+)
+def test_bad_provider_names_fail_fast(env: pytest.MonkeyPatch, value: str, message: str) -> None:
+    env.setenv("VAE_PROVIDERS", value)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
+
+
+@pytest.mark.parametrize(
+    "name", ["INTRA_OP_THREADS", "MAX_IMAGES", "MAX_LATENTS", "MAX_SAMPLES", "MAX_SCALE"]
+)
+def test_counts_must_be_positive(env: pytest.MonkeyPatch, name: str) -> None:
+    env.setenv(f"VAE_{name}", "0")
+    with pytest.raises(ValidationError, match=name.lower()):
+        Settings()
+
+
+def test_get_settings_reads_the_environment_once(env: pytest.MonkeyPatch) -> None:
+    get_settings.cache_clear()
+    try:
+        first = get_settings()
+        env.setenv("VAE_MAX_IMAGES", "7")
+        assert get_settings() is first
+        get_settings.cache_clear()
+        assert get_settings().max_images == 7
+    finally:
+        get_settings.cache_clear()

@@ -1,0 +1,191 @@
+"""Bytes -> model tensors for every mode Pillow has; tensors -> PNGs and grids."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.imaging import ImageError, grid_png, load_image, tile, to_png
+from service.model_card import InputSpec
+from tests.service.helpers import png, truncated_png
+
+GREY = InputSpec(channels=1, height=8, width=8, foreground="light")
+COLOUR = InputSpec(channels=3, height=8, width=8, foreground="light")
+DARK = InputSpec(channels=1, height=8, width=8, foreground="dark")
+
+# An 8x8 ramp 0..252 covering the whole range, as uint8.
+RAMP = (np.arange(64, dtype=np.uint8) * 4).reshape(8, 8)
+# One 8-bit level: the most a round trip through an 8-bit mode may move a value in [0, 1].
+LEVEL = 1 / 255 + 1e-6
+
+
+def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Image.fromarray(RAMP),
+        lambda: Image.fromarray(RAMP).convert("RGB"),
+        lambda: Image.fromarray(RAMP).convert("RGBA"),
+        lambda: Image.fromarray(RAMP).convert("LA"),
+        lambda: Image.fromarray(RAMP).convert("P"),
+        lambda: Image.fromarray(RAMP.astype(np.uint16) * 257).convert("I;16"),
+        lambda: Image.fromarray(RAMP.astype(np.int32) * 257),
+        lambda: Image.fromarray(RAMP).convert("CMYK"),
+        lambda: Image.fromarray(RAMP.astype(np.float32)),
+    ],
+    ids=["L", "RGB", "RGBA-opaque", "LA-opaque", "P", "I;16", "I", "CMYK", "F"],
+)
+def test_every_mode_gives_the_same_greyscale_tensor(make: object) -> None:
+    image = make()  # type: ignore[operator]
+    # PNG holds most modes; CMYK, 32-bit integer and float need TIFF.
+    data = encoded(image, "TIFF" if image.mode in ("CMYK", "I", "F") else "PNG")
+    x = load_image(data, GREY)
+    assert x.shape == (1, 8, 8)
+    assert x.dtype == np.float32
+    np.testing.assert_allclose(x[0], RAMP / 255.0, atol=LEVEL)
+
+
+def test_bilevel_images_read_as_zero_and_one() -> None:
+    x = load_image(png(RAMP, mode="1"), GREY)
+    assert set(np.unique(x)) <= {0.0, 1.0}
+
+
+def test_colour_model_gets_three_channels() -> None:
+    rgb = np.zeros((8, 8, 3), dtype=np.uint8)
+    rgb[..., 0], rgb[..., 2] = 255, RAMP
+    x = load_image(png(rgb), COLOUR)
+    assert x.shape == (3, 8, 8)
+    np.testing.assert_allclose(x[0], 1.0)
+    np.testing.assert_allclose(x[1], 0.0)
+    np.testing.assert_allclose(x[2], RAMP / 255.0, atol=LEVEL)
+
+
+def test_greyscale_into_a_colour_model_is_repeated() -> None:
+    x = load_image(encoded(Image.fromarray(RAMP.astype(np.uint16) * 257).convert("I;16")), COLOUR)
+    np.testing.assert_allclose(x, np.repeat((RAMP / 255.0)[None], 3, axis=0), atol=LEVEL)
+
+
+def rgba(alpha: int) -> bytes:
+    """White strokes (the ramp) over pixels whose alpha is `alpha`."""
+    pixels = np.zeros((8, 8, 4), dtype=np.uint8)
+    pixels[..., :3] = 255
+    pixels[..., 3] = alpha
+    return png(pixels)
+
+
+@pytest.mark.parametrize("invert", [False, True], ids=["as-is", "inverted"])
+@pytest.mark.parametrize(
+    ("spec", "background"), [(GREY, 0.0), (DARK, 1.0)], ids=["light-model", "dark-model"]
+)
+def test_transparent_pixels_become_the_model_background(
+    spec: InputSpec, background: float, invert: bool
+) -> None:
+    # Whatever the colour under a fully transparent pixel, and whichever polarity, it ends as background.
+    x = load_image(rgba(alpha=0), spec, invert=invert)
+    np.testing.assert_allclose(x, background)
+
+
+def test_half_transparent_white_is_composited_onto_black() -> None:
+    x = load_image(rgba(alpha=128), GREY)
+    np.testing.assert_allclose(x, 128 / 255, atol=LEVEL)
+
+
+def test_palette_transparency_is_honoured() -> None:
+    image = Image.fromarray(np.full((8, 8), 255, dtype=np.uint8)).convert("P")
+    image.info["transparency"] = image.getpixel((0, 0))
+    assert image.has_transparency_data
+    np.testing.assert_allclose(load_image(encoded(image), GREY), 0.0)
+
+
+def test_invert_flips_dark_on_light_drawings() -> None:
+    x = load_image(png(255 - RAMP), GREY, invert=True)
+    np.testing.assert_allclose(x[0], RAMP / 255.0, atol=LEVEL)
+
+
+def test_shrinking_averages_each_block() -> None:
+    big = np.random.default_rng(0).integers(0, 256, size=(32, 32), dtype=np.uint8)
+    x = load_image(png(big), GREY)
+    blocks = big.reshape(8, 4, 8, 4).mean(axis=(1, 3)) / 255.0
+    # A 4x4 box filter is the block mean; Pillow computes it in float32.
+    np.testing.assert_allclose(x[0], blocks, atol=1e-5)
+
+
+def test_enlarging_keeps_a_flat_image_flat() -> None:
+    x = load_image(png(np.full((3, 5), 200, dtype=np.uint8)), GREY)
+    assert x.shape == (1, 8, 8)
+    np.testing.assert_allclose(x, 200 / 255, atol=1e-5)
+
+
+def test_exif_orientation_is_applied() -> None:
+    pixels = np.zeros((8, 8), dtype=np.uint8)
+    pixels[0, :] = 255  # a line along the top
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": the top row becomes the right column
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", exif=exif)
+    x = load_image(buffer.getvalue(), GREY)
+    np.testing.assert_allclose(x[0, :, -1], 1.0)
+    np.testing.assert_allclose(x[0, :, 0], 0.0)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", r"is empty \(0 bytes\)"),
+        (b"not an image at all", "is not an image format Pillow can read"),
+        (truncated_png(), "cannot be decoded"),
+    ],
+    ids=["empty", "garbage", "truncated"],
+)
+def test_unreadable_bytes_raise_image_error(data: bytes, message: str) -> None:
+    with pytest.raises(ImageError, match=message):
+        load_image(data, GREY)
+
+
+def decoded(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        return np.asarray(image)
+
+
+def test_png_round_trip_is_exact_to_one_level() -> None:
+    x = (RAMP / 255.0)[None]
+    np.testing.assert_array_equal(decoded(to_png(x)), RAMP)
+
+
+def test_scale_repeats_each_pixel() -> None:
+    x = (RAMP / 255.0)[None]
+    big = decoded(to_png(x, scale=3))
+    assert big.shape == (24, 24)
+    np.testing.assert_array_equal(big[::3, ::3], RAMP)
+    np.testing.assert_array_equal(big[2::3, 2::3], RAMP)
+
+
+def test_colour_png() -> None:
+    x = np.zeros((3, 8, 8))
+    x[1] = 1.0
+    out = decoded(to_png(x))
+    assert out.shape == (8, 8, 3)
+    np.testing.assert_array_equal(out[..., 1], 255)
+
+
+def test_out_of_range_values_are_clipped() -> None:
+    np.testing.assert_array_equal(decoded(to_png(np.array([[[-0.5, 1.5]]]))), [[0, 255]])
+
+
+def test_grid_is_near_square_with_a_gutter() -> None:
+    images = np.stack([np.full((1, 8, 8), i / 4) for i in range(5)])
+    canvas = tile(images)
+    assert canvas.shape == (1, 2 * 8 + 1, 3 * 8 + 2)  # 5 images: 3 columns, 2 rows
+    np.testing.assert_array_equal(canvas[0, :8, 9:17], 0.25)  # second image, first row
+    np.testing.assert_array_equal(canvas[0, 9:, :8], 0.75)  # fourth image, second row
+    np.testing.assert_array_equal(canvas[0, :, 8], 0.5)  # gutter
+    assert decoded(grid_png(images, scale=2)).shape == (34, 52)

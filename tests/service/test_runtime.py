@@ -1,0 +1,179 @@
+"""Loading the model: providers, the model-card checks that stop startup, warm-up, the runs themselves."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.main import create_app
+from service.model_card import ModelCard, sha256_file
+from service.runtime import CUDA, ModelError, load_model
+from tests.service.conftest import CPU
+
+
+def edit_card(model_dir: Path, change: Callable[[dict[str, Any]], None]) -> None:
+    path = model_dir / "model.json"
+    card = json.loads(path.read_text())
+    change(card)
+    path.write_text(json.dumps(card))
+
+
+def load(model_dir: Path, **overrides: Any) -> None:
+    load_model(Settings(model_dir=model_dir, **({"providers": CPU} | overrides)))
+
+
+def test_loads_and_runs(settings: Settings, card: ModelCard) -> None:
+    model = load_model(settings)
+    assert model.provider == "CPUExecutionProvider"
+    assert model.latent_dim == card.latent_dim
+    c, h, w = card.input_shape
+    mu, logvar = model.encode(np.random.default_rng(0).uniform(size=(3, c, h, w)).astype(np.float32))
+    assert mu.shape == logvar.shape == (3, card.latent_dim)
+    low, high = card.logvar_range
+    assert (logvar >= low - 1e-5).all() and (logvar <= high + 1e-5).all()  # the graph clamps it
+    x_mean = model.decode(mu)
+    assert x_mean.shape == (3, c, h, w)
+    assert (x_mean >= 0).all() and (x_mean <= 1).all()
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7], ids=["one", "two", "seven"])
+def test_batch_axis_is_dynamic(settings: Settings, card: ModelCard, batch: int) -> None:
+    model = load_model(settings)
+    mu, _ = model.encode(np.zeros((batch, *card.input_shape), dtype=np.float32))
+    assert model.decode(mu).shape == (batch, *card.input_shape)
+
+
+def test_default_providers_fall_back_to_the_cpu(model_dir: Path, cuda_active: bool) -> None:
+    model = load_model(Settings(model_dir=model_dir))
+    assert model.provider == (CUDA if cuda_active else "CPUExecutionProvider")
+
+
+def test_require_gpu_on_a_cpu_machine_stops_startup(model_dir: Path, cuda_active: bool) -> None:
+    if cuda_active:
+        pytest.skip("CUDA is active here; the refusal only happens without it")
+    with pytest.raises(
+        ModelError, match=r"VAE_REQUIRE_GPU=true but ONNX Runtime runs on CPUExecutionProvider"
+    ):
+        load_model(Settings(model_dir=model_dir, require_gpu=True))
+
+
+def test_require_gpu_on_a_gpu_machine_runs_on_cuda(model_dir: Path, cuda_active: bool) -> None:
+    if not cuda_active:
+        pytest.skip("no working CUDA here")
+    assert load_model(Settings(model_dir=model_dir, require_gpu=True)).provider == CUDA
+
+
+def test_providers_missing_from_this_build_are_refused(model_dir: Path) -> None:
+    with pytest.raises(ModelError, match="none of the execution providers DmlExecutionProvider is in this"):
+        load(model_dir, providers=["DmlExecutionProvider"])
+
+
+def test_missing_directory(tmp_path: Path, settings: Settings) -> None:
+    # Settings refuses a missing directory already; the runtime checks again for one removed since.
+    gone = settings.model_copy(update={"model_dir": tmp_path / "gone"})
+    with pytest.raises(ModelError, match="gone: model directory not found"):
+        load_model(gone)
+
+
+def test_missing_card(model_copy: Path) -> None:
+    (model_copy / "model.json").unlink()
+    with pytest.raises(ModelError, match="model.json: model card not found"):
+        load(model_copy)
+
+
+def test_missing_onnx_file(model_copy: Path, card: ModelCard) -> None:
+    (model_copy / card.decoder.file).unlink()
+    with pytest.raises(ModelError, match=rf"{card.decoder.file}: not found \(model.json decoder.file\)"):
+        load(model_copy)
+
+
+def test_changed_onnx_file_fails_the_sha256(model_copy: Path, card: ModelCard) -> None:
+    with (model_copy / card.encoder.file).open("ab") as handle:
+        handle.write(b"\0")
+    with pytest.raises(
+        ModelError, match=rf"{card.encoder.file}: sha256 is [0-9a-f]{{64}} but model.json encoder"
+    ):
+        load(model_copy)
+
+
+def test_wrong_sha256_in_the_card(model_copy: Path, card: ModelCard) -> None:
+    edit_card(model_copy, lambda raw: raw["decoder"].update(sha256="0" * 64))
+    with pytest.raises(
+        ModelError, match=rf"{card.decoder.file}: sha256 is .* but model.json decoder.sha256 says 0{{64}}"
+    ):
+        load(model_copy)
+
+
+def test_corrupt_onnx_file_with_a_matching_hash(model_copy: Path, card: ModelCard) -> None:
+    path = model_copy / card.encoder.file
+    path.write_bytes(b"not a protobuf")
+    edit_card(model_copy, lambda raw: raw["encoder"].update(sha256=sha256_file(path)))
+    with pytest.raises(ModelError, match=rf"{card.encoder.file}: ONNX Runtime cannot load it"):
+        load(model_copy)
+
+
+def test_card_names_must_be_the_interface(model_copy: Path) -> None:
+    edit_card(model_copy, lambda raw: raw["encoder"]["outputs"][0].update(name="mean"))
+    with pytest.raises(ModelError, match=r"model.json encoder.outputs: names are \['mean', 'logvar'\]"):
+        load(model_copy)
+
+
+def test_card_shapes_must_agree_with_its_latent_dim(model_copy: Path, card: ModelCard) -> None:
+    d = card.latent_dim
+    edit_card(model_copy, lambda raw: raw.update(latent_dim=d + 1))
+    message = rf"model.json encoder.outputs\[0\].shape is \[None, {d}\] but .* latent_dim {d + 1} make it"
+    with pytest.raises(ModelError, match=message):
+        load(model_copy)
+
+
+def test_card_that_disagrees_with_the_graph(model_copy: Path, card: ModelCard) -> None:
+    d = card.latent_dim + 1
+
+    def grow_latent(raw: dict[str, Any]) -> None:  # a consistent card, for a model the graph is not
+        raw["latent_dim"] = d
+        for tensor in [*raw["encoder"]["outputs"], *raw["decoder"]["inputs"]]:
+            tensor["shape"] = [None, d]
+
+    edit_card(model_copy, grow_latent)
+    message = (
+        rf"{card.encoder.file}: model.json encoder.outputs\[0\].shape is \[None, {d}\] but the graph has"
+    )
+    with pytest.raises(ModelError, match=message):
+        load(model_copy)
+
+
+def test_card_input_size_that_disagrees_with_the_graph(model_copy: Path, card: ModelCard) -> None:
+    c, h, w = card.input_shape
+
+    def taller(raw: dict[str, Any]) -> None:
+        raw["input"]["height"] = h + 1
+        raw["encoder"]["inputs"][0]["shape"] = [None, c, h + 1, w]
+        raw["decoder"]["outputs"][0]["shape"] = [None, c, h + 1, w]
+
+    edit_card(model_copy, taller)
+    with pytest.raises(
+        ModelError, match=rf"model.json encoder.inputs\[0\].shape is \[None, {c}, {h + 1}, {w}\]"
+    ):
+        load(model_copy)
+
+
+def test_startup_failure_stops_the_app(model_copy: Path) -> None:
+    edit_card(model_copy, lambda raw: raw["decoder"].update(sha256="f" * 64))
+    app = create_app(Settings(model_dir=model_copy, providers=CPU))
+    with pytest.raises(ModelError, match="decoder.sha256"), TestClient(app):
+        pass
+
+
+def test_require_gpu_stops_the_app(model_dir: Path, cuda_active: bool) -> None:
+    if cuda_active:
+        pytest.skip("CUDA is active here")
+    app = create_app(Settings(model_dir=model_dir, require_gpu=True))
+    with pytest.raises(ModelError, match="CUDA is not active"), TestClient(app):
+        pass
