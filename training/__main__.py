@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -52,6 +53,15 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--out", type=Path, required=True, help="run directory for checkpoints")
     train.add_argument("--resume", action="store_true", help="continue from --out/last.pt")
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--backend",
+        choices=("auto", "nccl", "gloo"),
+        default="auto",
+        help="torchrun process group (auto: nccl on GPUs)",
+    )
+    train.add_argument(
+        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available"
+    )
     _add_dataclass_options(train, TrainConfig, skip={"dataset", "foreground"})
     train.add_argument("--dataset", choices=DATASETS, default="digits")
     train.add_argument("--foreground", choices=("light", "dark"), default="light")
@@ -95,8 +105,17 @@ def _run(args: argparse.Namespace) -> None:
                 if f.name not in ("channels", "height", "width")
             },
         )
-        best = train(mcfg, tcfg, args.out, resume=args.resume, progress=not args.no_progress)
-        print(f"best checkpoint: {best}")
+        best = train(
+            mcfg,
+            tcfg,
+            args.out,
+            resume=args.resume,
+            progress=not args.no_progress,
+            backend=args.backend,
+            device=args.device,
+        )
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"best checkpoint: {best}")
     elif args.command == "evaluate":
         ckpt = load_checkpoint(args.checkpoint)
         test = load_splits(ckpt.train_cfg)[2]

@@ -63,7 +63,7 @@ def evaluate(model: VAE, images: Tensor, *, k: int = 1000, seed: int = 0, batch_
     recon_sum, kl_sum, iwae_sum = 0.0, 0.0, 0.0
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
-        recon, kl, _ = model(x, generator)
+        recon, kl = model(x, generator)
         recon_sum += float(recon.sum())
         kl_sum += float(kl.sum())
         iwae_sum += float(iwae_nll(model, x, k, generator).sum())

@@ -188,10 +188,8 @@ class VAE(nn.Module):
         logits = self.decoder.logits(z)
         return F.binary_cross_entropy_with_logits(logits, x, reduction="none").flatten(1).sum(-1)
 
-    def forward(
-        self, x: Tensor, generator: torch.Generator | None = None
-    ) -> tuple[Tensor, Tensor, DiagonalGaussian]:
-        """One-sample (reconstruction (B,), KL per dimension (B, D), posterior)."""
+    def forward(self, x: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """One-sample loss terms: reconstruction (B,) and KL per dimension (B, D)."""
         q = self.posterior(x)
         z = q.sample(generator)
-        return self.reconstruction_nll(x, z), q.kl(), q
+        return self.reconstruction_nll(x, z), q.kl()

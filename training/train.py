@@ -9,18 +9,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, cast
 
-import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.utils.data import DistributedSampler, TensorDataset
 from tqdm import tqdm
 
 from training.data import DatasetName, Split, load_dataset, split_dataset
+from training.distributed import Backend, Context, distributed
 from training.model import VAE, VAEConfig
 
 __all__ = ["Checkpoint", "TrainConfig", "load_checkpoint", "load_splits", "objective", "train"]
 
 log = logging.getLogger(__name__)
+
+# Rank r draws its reparameterisation noise from seed + r * stride.
+_RANK_SEED_STRIDE = 7919
 
 
 @dataclass
@@ -60,7 +65,7 @@ class Checkpoint:
     history: list[dict[str, float]] = field(default_factory=list)
     optimizer: dict[str, Any] | None = None
     scheduler: dict[str, Any] | None = None
-    generator: Tensor | None = None
+    generators: list[Tensor] | None = None  # each rank's noise generator state
     raw_model: dict[str, Tensor] | None = None  # the optimised weights when `model` holds their average
     ema_updates: int | None = None
 
@@ -105,29 +110,52 @@ def objective(recon: Tensor, kl: Tensor, beta: float, free_bits: float) -> Tenso
 
 
 @torch.no_grad()
-def _validate(
-    model: VAE, images: Tensor, generator: torch.Generator, batch_size: int = 512
-) -> dict[str, float]:
-    """One-sample negative ELBO on a split, nats per image."""
+def _validate(model: VAE, images: Tensor, ctx: Context, seed: int, batch_size: int = 512) -> dict[str, float]:
+    """One-sample negative ELBO on a split, nats per image; each rank takes its share of the images."""
     model.eval()
+    generator = torch.Generator(device=ctx.device).manual_seed(seed + ctx.rank)
+    shard = images[ctx.rank :: ctx.world_size]
     recon_sum, kl_sum = 0.0, 0.0
-    for start in range(0, len(images), batch_size):
-        recon, kl, _ = model(images[start : start + batch_size], generator)
+    for start in range(0, len(shard), batch_size):
+        recon, kl = model(shard[start : start + batch_size], generator)
         recon_sum += float(recon.sum())
         kl_sum += float(kl.sum())
     model.train()
+    recon_sum, kl_sum = ctx.sum([recon_sum, kl_sum])
     n = len(images)
     return {"neg_elbo": (recon_sum + kl_sum) / n, "reconstruction": recon_sum / n, "kl": kl_sum / n}
 
 
 def train(
-    model_cfg: VAEConfig, cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True
+    model_cfg: VAEConfig,
+    cfg: TrainConfig,
+    out: Path,
+    *,
+    resume: bool = False,
+    progress: bool = True,
+    backend: Backend = "auto",
+    device: str = "auto",
 ) -> Path:
-    """Train and write `last.pt` (every epoch) and `best.pt` (best validation loss) to `out`."""
-    out.mkdir(parents=True, exist_ok=True)
+    """Train and write `last.pt` (every epoch) and `best.pt` (best validation loss) to `out`.
+
+    Under torchrun every process runs this; the model is wrapped in DistributedDataParallel, each rank
+    trains on its own shard of every epoch with `batch_size / world_size` images per step (so the total
+    batch stays `batch_size`), metrics are summed over ranks, and rank 0 alone writes.
+    """
+    with distributed(backend, device) as ctx:
+        return _train(model_cfg, cfg, out, ctx, resume=resume, progress=progress)
+
+
+def _train(
+    model_cfg: VAEConfig, cfg: TrainConfig, out: Path, ctx: Context, *, resume: bool, progress: bool
+) -> Path:
+    if cfg.batch_size % ctx.world_size:
+        raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {ctx.world_size} processes")
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     train_split, val_split, _, source = load_splits(cfg)
     c, h, w = train_split.images.shape[1:]
     if (model_cfg.channels, model_cfg.height, model_cfg.width) != (c, h, w):
@@ -135,10 +163,16 @@ def train(
             f"model expects {model_cfg.channels}x{model_cfg.height}x{model_cfg.width} images, "
             f"dataset {source} has {c}x{h}x{w}"
         )
-    x_train = torch.from_numpy(train_split.images)
-    x_val = torch.from_numpy(val_split.images)
+    x_train = torch.from_numpy(train_split.images).to(ctx.device)
+    x_val = torch.from_numpy(val_split.images).to(ctx.device)
+    # Every rank draws its own shard of a shuffle that depends only on (seed, epoch).
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        TensorDataset(x_train), num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed
+    )
+    rank_batch = cfg.batch_size // ctx.world_size
 
-    model = VAE(model_cfg)
+    model = VAE(model_cfg).to(ctx.device)
+    trained: nn.Module = model if ctx.world_size == 1 else DistributedDataParallel(model)
     # The averaged weights are the ones validated, checkpointed and exported.
     ema = None
     if cfg.ema_decay:
@@ -146,7 +180,7 @@ def train(
         ema = AveragedModel(model, multi_avg_fn=average)
     served = cast(VAE, ema.module) if ema is not None else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(len(x_train) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(sampler) / rank_batch)
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.lr_schedule == "cosine":
         scheduler: torch.optim.lr_scheduler.LRScheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
@@ -154,8 +188,8 @@ def train(
         )
     else:
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    val_generator_seed = cfg.seed + 1
+    # Each rank draws its own noise for the reparameterisation.
+    generator = torch.Generator(device=ctx.device).manual_seed(cfg.seed + _RANK_SEED_STRIDE * ctx.rank)
     start_epoch, best_val, history = 0, math.inf, []
 
     if resume:
@@ -173,22 +207,28 @@ def train(
             scheduler.load_state_dict(ckpt.scheduler)
             if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
                 scheduler.T_max = total_steps  # --epochs may have grown since the checkpoint
-        if ckpt.generator is not None:
-            generator.set_state(ckpt.generator)
+        if ckpt.generators is not None and len(ckpt.generators) == ctx.world_size:
+            generator.set_state(ckpt.generators[ctx.rank])
+        elif ctx.is_main:
+            log.warning("%s was written by a run of another size: noise draws start afresh", out / "last.pt")
         start_epoch, best_val, history = ckpt.epoch, ckpt.best_val, ckpt.history
-        log.info("resumed %s at epoch %d (best validation %.3f)", out / "last.pt", start_epoch, best_val)
+        if ctx.is_main:
+            log.info("resumed %s at epoch %d (best validation %.3f)", out / "last.pt", start_epoch, best_val)
 
     model.train()
-    epochs = tqdm(range(start_epoch, cfg.epochs), desc="train", unit="epoch", disable=not progress)
+    epochs = tqdm(
+        range(start_epoch, cfg.epochs), desc="train", unit="epoch", disable=not (progress and ctx.is_main)
+    )
     for epoch in epochs:
         started = time.perf_counter()
-        order = torch.randperm(len(x_train), generator=generator)
-        totals = np.zeros(3)
+        sampler.set_epoch(epoch)
+        order = torch.tensor(list(sampler), device=ctx.device)
+        totals = [0.0, 0.0, 0.0]  # recon, KL, images
         for step in range(steps_per_epoch):
             progress_epochs = epoch + step / steps_per_epoch
             beta = cfg.beta * min(1.0, progress_epochs / cfg.warmup_epochs) if cfg.warmup_epochs else cfg.beta
-            batch = x_train[order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
-            recon, kl, _ = model(batch, generator)
+            batch = x_train[order[step * rank_batch : (step + 1) * rank_batch]]
+            recon, kl = trained(batch, generator)
             loss = objective(recon, kl, beta, cfg.free_bits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
@@ -196,15 +236,16 @@ def train(
             if ema is not None:
                 ema.update_parameters(model)
             scheduler.step()
-            recon_sum, kl_sum = float(recon.detach().sum()), float(kl.detach().sum())
-            totals += np.array([recon_sum + kl_sum, recon_sum, kl_sum])
-        train_metrics = totals / len(x_train)
-        val = _validate(served, x_val, torch.Generator().manual_seed(val_generator_seed))
+            totals[0] += float(recon.detach().sum())
+            totals[1] += float(kl.detach().sum())
+            totals[2] += len(batch)
+        recon_sum, kl_sum, seen = ctx.sum(totals)
+        val = _validate(served, x_val, ctx, seed=cfg.seed + 1)
         row = {
             "epoch": epoch + 1,
-            "train_neg_elbo": float(train_metrics[0]),
-            "train_reconstruction": float(train_metrics[1]),
-            "train_kl": float(train_metrics[2]),
+            "train_neg_elbo": (recon_sum + kl_sum) / seen,
+            "train_reconstruction": recon_sum / seen,
+            "train_kl": kl_sum / seen,
             "val_neg_elbo": val["neg_elbo"],
             "val_reconstruction": val["reconstruction"],
             "val_kl": val["kl"],
@@ -215,34 +256,41 @@ def train(
         epochs.set_postfix(
             train=f"{row['train_neg_elbo']:.2f}", val=f"{val['neg_elbo']:.2f}", best=f"{best_val:.2f}"
         )
-        state = {
-            "model": served.state_dict(),
-            "config": asdict(model_cfg),
-            "train_config": asdict(cfg),
-            "epoch": epoch + 1,
-            "history": history,
-        }
+        generators = ctx.gather(generator.get_state())
         # Only count as best once the KL weight has reached beta: earlier losses are not comparable.
-        if val["neg_elbo"] < best_val and epoch + 1 >= cfg.warmup_epochs:
-            best_val = val["neg_elbo"]
-            torch.save({**state, "best_val": best_val}, out / "best.pt")
-        torch.save(
-            {
-                **state,
+        improved = val["neg_elbo"] < best_val and epoch + 1 >= cfg.warmup_epochs
+        best_val = val["neg_elbo"] if improved else best_val
+        if ctx.is_main:
+            state = {
+                "model": _cpu(served.state_dict()),
+                "config": asdict(model_cfg),
+                "train_config": asdict(cfg),
+                "epoch": epoch + 1,
+                "history": history,
                 "best_val": best_val,
+            }
+            if improved:
+                torch.save(state, out / "best.pt")
+            training_state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "generator": generator.get_state(),
-                "raw_model": model.state_dict() if ema is not None else None,
+                "generators": generators,
+                "raw_model": _cpu(model.state_dict()) if ema is not None else None,
                 "ema_updates": int(ema.n_averaged) if ema is not None else None,
-            },
-            out / "last.pt",
-        )
-    # The best checkpoint carries the whole run's history, for the loss-curve plot.
-    # Fewer epochs than the warm-up: the last checkpoint is the best there is.
-    best_source = out / "best.pt" if (out / "best.pt").exists() else out / "last.pt"
-    best = torch.load(best_source, weights_only=True)
-    for key in ("optimizer", "scheduler", "generator", "raw_model", "ema_updates"):
-        best.pop(key, None)
-    torch.save({**best, "history": history}, out / "best.pt")
+            }
+            torch.save({**state, **training_state}, out / "last.pt")
+    if ctx.is_main:
+        # The best checkpoint carries the whole run's history, for the loss-curve plot.
+        # Fewer epochs than the warm-up: the last checkpoint is the best there is.
+        best_source = out / "best.pt" if (out / "best.pt").exists() else out / "last.pt"
+        best = torch.load(best_source, weights_only=True)
+        for key in ("optimizer", "scheduler", "generators", "raw_model", "ema_updates"):
+            best.pop(key, None)
+        torch.save({**best, "history": history}, out / "best.pt")
+    ctx.barrier()
     return out / "best.pt"
+
+
+def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict on the CPU, so checkpoints load anywhere."""
+    return {name: tensor.detach().cpu() for name, tensor in state.items()}

@@ -75,7 +75,7 @@ def test_shapes_and_ranges(architecture: str, size: int) -> None:
     out = model.decoder(torch.randn((3, 5)) * 50)
     assert out.shape == (3, 1, size, size)
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
-    recon, kl, _ = model(x)
+    recon, kl = model(x)
     assert recon.shape == (3,) and kl.shape == (3, 5)
 
 

@@ -1,0 +1,83 @@
+"""One process or many: rank, world and device of a training process, from torchrun's environment.
+
+`torchrun --nproc_per_node=N -m training train ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without them the run
+is a single process. The backend is NCCL when the processes have GPUs and gloo on CPUs, unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["Backend", "Context", "distributed"]
+
+Backend = Literal["auto", "nccl", "gloo"]
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands in the run."""
+
+    rank: int  # 0 .. world_size - 1
+    world_size: int  # processes in the run
+    device: torch.device  # where this process computes
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0 alone writes checkpoints and shows progress."""
+        return self.rank == 0
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of `values` over all ranks (the values themselves in a single process)."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return [float(v) for v in tensor.tolist()]
+
+    def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's `tensor` (same shape on each), in rank order."""
+        if self.world_size == 1:
+            return [tensor]
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.to(self.device))
+        return [part.cpu() for part in parts]
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def _device(local_rank: int, device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(device)
+
+
+@contextmanager
+def distributed(backend: Backend = "auto", device: str = "auto") -> Iterator[Context]:
+    """The process group for the run's duration (none for a single process)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    where = _device(local_rank, device)
+    if world_size == 1:
+        yield Context(rank=0, world_size=1, device=where)
+        return
+    chosen = backend if backend != "auto" else ("nccl" if where.type == "cuda" else "gloo")
+    dist.init_process_group(backend=chosen, device_id=where if where.type == "cuda" else None)
+    try:
+        yield Context(rank=rank, world_size=world_size, device=where)
+    finally:
+        dist.destroy_process_group()
