@@ -1,0 +1,1 @@
+"""Deployment: the Dockerfile and the compose files."""

@@ -1,0 +1,244 @@
+"""Two service processes behind a real nginx on loopback, running the load balancer's own configuration
+(deploy/nginx/load-balancer.conf, which docker-compose.yml mounts): requests spread over both replicas, a
+seeded request gets the same bytes whichever replica answers, and a replica that is gone is skipped.
+
+The replicas run the image's CMD (from the Dockerfile) on the CPU; nginx is Debian's (`apt-get install
+nginx`, as .ci/run does), started here with a configuration of its own under the test's temporary directory.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DEFAULT_MODEL, REPO
+from tests.deploy.dockerfile import parse
+from tests.deploy.nginx import CONF, loopback, main_config
+
+NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(NGINX is None, reason="no nginx binary (apt-get install nginx)"),
+]
+
+# Bounds: a replica loads and warms the default model in a few seconds on 2 cores; nginx starts at once.
+READY_TIMEOUT_S = 60
+NGINX_TIMEOUT_S = 10
+STOP_TIMEOUT_S = 20
+REQUEST_TIMEOUT_S = 10
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    @property
+    def upstream(self) -> str:
+        """The replica that answered, as nginx's $upstream_addr (`a, b` when `a` failed first)."""
+        return self.headers.get("X-Upstream", "")
+
+
+def request(port: int, method: str, path: str, body: bytes | None = None, **headers: str) -> Reply:
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=REQUEST_TIMEOUT_S)
+    try:
+        connection.request(
+            method, path, body=body, headers={k.replace("_", "-"): v for k, v in headers.items()}
+        )
+        response = connection.getresponse()
+        return Reply(response.status, response.headers, response.read())
+    finally:
+        connection.close()
+
+
+def wait_ready(port: int, process: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if request(port, "GET", "/ready").status == 200:
+                return
+        except OSError:
+            pass
+        assert process.poll() is None, f"exited with {process.returncode}:\n{log.read_text()}"
+        assert time.monotonic() < deadline, f"/ready not 200 within {timeout} s:\n{log.read_text()}"
+        time.sleep(0.2)
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL to the process group it leads if it has not exited in time."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def replica_argv(port: int) -> list[str]:
+    """The image's CMD, run with this interpreter and on loopback instead of all interfaces."""
+    argv = parse(REPO / "Dockerfile").stages["runtime"].one("CMD").exec_form()
+    assert argv[0] == "python" and argv[argv.index("--host") + 1] == "0.0.0.0"
+    argv[0] = sys.executable
+    argv[argv.index("--host") + 1] = "127.0.0.1"
+    argv[argv.index("--port") + 1] = str(port)
+    return argv
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
+    """Two replicas of the service on free loopback ports: their `127.0.0.1:port` addresses."""
+    work = tmp_path_factory.mktemp("replicas")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VAE_")}
+    # No GPU here; one ONNX Runtime thread each, so the two share the machine's cores without contention.
+    env |= {
+        "VAE_MODEL_DIR": str(DEFAULT_MODEL),
+        "VAE_PROVIDERS": "CPUExecutionProvider",
+        "VAE_INTRA_OP_THREADS": "1",
+    }
+    started: list[tuple[int, subprocess.Popen[bytes], Path]] = []
+    try:
+        for index in range(2):
+            port, log = free_port(), work / f"replica-{index}.log"
+            with log.open("wb") as out:
+                process = subprocess.Popen(
+                    replica_argv(port),
+                    cwd=REPO,
+                    env=env,
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            started.append((port, process, log))
+        for port, process, log in started:
+            wait_ready(port, process, log, READY_TIMEOUT_S)
+        yield [f"127.0.0.1:{port}" for port, _, _ in started]
+    finally:
+        for _, process, _ in started:
+            stop(process)
+
+
+@contextmanager
+def balancer(upstreams: Sequence[str], prefix: Path) -> Iterator[int]:
+    """nginx with the deployed configuration in front of `upstreams`; yields the port it listens on."""
+    assert NGINX is not None
+    prefix.mkdir()
+    port = free_port()
+    site = prefix / CONF.name
+    site.write_text(loopback(CONF.read_text(), upstreams, port))
+    conf = prefix / "nginx.conf"
+    conf.write_text(main_config(prefix, site))
+    log = prefix / "error.log"
+    argv = [NGINX, "-e", str(log), "-p", str(prefix), "-c", str(conf)]
+    checked = subprocess.run([*argv, "-t"], capture_output=True, text=True, timeout=NGINX_TIMEOUT_S)
+    assert checked.returncode == 0, checked.stderr
+    process = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + NGINX_TIMEOUT_S
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                assert process.poll() is None, f"nginx exited with {process.returncode}:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"nginx not listening within {NGINX_TIMEOUT_S} s"
+                time.sleep(0.05)
+        yield port
+    finally:
+        stop(process)
+
+
+@pytest.fixture(scope="module")
+def lb(replicas: list[str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+    """The load balancer in front of both replicas: its port."""
+    with balancer(replicas, tmp_path_factory.mktemp("lb") / "nginx") as port:
+        yield port
+
+
+def until_both_answer(
+    lb: int, replicas: list[str], method: str, path: str, body: bytes | None = None
+) -> dict[str, bytes]:
+    """The same request sent until each replica has answered it: the body each one gave."""
+    bodies: dict[str, bytes] = {}
+    for _ in range(4 * len(replicas)):
+        reply = request(lb, method, path, body, content_type="application/json")
+        assert reply.status == 200, reply.body
+        bodies.setdefault(reply.upstream, reply.body)
+        if bodies.keys() == set(replicas):
+            return bodies
+    raise AssertionError(f"{method} {path} reached only {sorted(bodies)} of {replicas}")
+
+
+def test_requests_spread_over_both_replicas(lb: int, replicas: list[str]) -> None:
+    answered = Counter(request(lb, "GET", f"/sample?n=1&seed={seed}").upstream for seed in range(8))
+    # Round-robin: one after the other, so eight requests in a row are four each.
+    assert answered == {replicas[0]: 4, replicas[1]: 4}
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/sample?n=4&seed=7", "/sample?n=4&seed=7&format=grid&scale=2", "/sample?n=3&seed=7&format=array"],
+    ids=["sample-json", "sample-grid", "sample-array"],
+)
+def test_seeded_samples_are_byte_identical_on_every_replica(lb: int, replicas: list[str], path: str) -> None:
+    bodies = until_both_answer(lb, replicas, "GET", path)
+    assert len(set(bodies.values())) == 1
+
+
+def test_seeded_encode_draws_are_byte_identical_on_every_replica(lb: int, replicas: list[str]) -> None:
+    digit = request(lb, "GET", "/sample?n=1&seed=1&format=grid").body
+    body = json.dumps({"images": [base64.b64encode(digit).decode("ascii")]}).encode()
+    bodies = until_both_answer(lb, replicas, "POST", "/encode?samples=3&seed=11", body)
+    assert len(set(bodies.values())) == 1
+    assert len(json.loads(next(iter(bodies.values())))["z"][0]) == 3
+    # The seed is what makes them equal: another seed draws other z.
+    other = request(lb, "POST", "/encode?samples=3&seed=12", body, content_type="application/json")
+    assert other.status == 200 and other.body not in bodies.values()
+
+
+def test_a_replica_that_is_gone_is_skipped(replicas: list[str], tmp_path: Path) -> None:
+    # A second balancer over one live replica and an address where nothing listens (a stopped replica).
+    gone = f"127.0.0.1:{free_port()}"
+    with balancer([gone, replicas[0]], tmp_path / "nginx") as port:
+        replies = [request(port, "GET", "/sample?n=1&seed=0") for _ in range(4)]
+    assert [reply.status for reply in replies] == [200] * 4
+    assert len({reply.body for reply in replies}) == 1
+    # The first request tried the gone one, then went on (nginx lists both); after that nginx leaves the
+    # failed one out for its fail_timeout.
+    assert replies[0].upstream == f"{gone}, {replicas[0]}"
+    assert {reply.upstream for reply in replies[1:]} == {replicas[0]}
+
+
+def test_errors_of_the_balancer_itself_are_json(tmp_path: Path) -> None:
+    with balancer([f"127.0.0.1:{free_port()}"], tmp_path / "nginx") as port:
+        none_up = request(port, "GET", "/ready")
+        # Content-Length beyond client_max_body_size: refused from the header, the body is never read.
+        too_large = request(port, "POST", "/encode", b"", content_length=str(16 * 1024 * 1024 + 1))
+    assert none_up.status == 502 and "replica" in json.loads(none_up.body)["detail"]
+    assert too_large.status == 413 and "client_max_body_size" in json.loads(too_large.body)["detail"]
