@@ -1,0 +1,412 @@
+"""Open Inference Protocol (KServe v2 REST): the encoder and the decoder as two models, for Triton and KServe
+clients.
+
+The models are the ONNX graphs as the model card describes them (names, FP32, -1 for the batch axis). An
+inference goes through the same `Model.encode_async` / `decode_async` as /encode and /decode (batching
+included), so `x` is images in [0, 1]. Tensors travel as JSON `data` or, with Triton's binary tensor data
+extension, as raw little-endian bytes after the JSON header (`Inference-Header-Content-Length`). Errors are
+`{"error": "..."}`: 400 for a request that is not a valid inference request, 404 for an unknown model, 415
+for a compressed body, 422 for a valid request this model cannot run (names, datatypes, shapes, values), 503
+before the model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Annotated, Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from service.api.deps import ModelDep, SettingsDep
+from service.api.responses import NumpyJSONResponse
+from service.model_card import OnnxFile, TensorSpec
+from service.runtime import Floats, Model
+
+__all__ = ["router"]
+
+# The header that splits a body into its JSON part and the binary tensor data after it.
+HEADER_LENGTH = "Inference-Header-Content-Length"
+BINARY = "application/octet-stream"
+SERVER_NAME = "vae-service"
+# What Triton calls a model run by ONNX Runtime.
+PLATFORM = "onnxruntime_onnx"
+# Protocol datatypes of the model card's dtypes.
+DATATYPES = {"float32": "FP32"}
+# Input values beyond this are neither images nor latents of this model, and could overflow float32 inside it.
+_VALUE_BOUND = 1e6
+
+
+class ProtocolError(BaseModel):
+    """An error, as the protocol writes it."""
+
+    error: str
+
+
+class ServerMetadata(BaseModel):
+    """The server and the protocol extensions it supports."""
+
+    name: str
+    version: str
+    extensions: list[str]
+
+
+class ServerLive(BaseModel):
+    live: bool
+
+
+class ServerReady(BaseModel):
+    ready: bool
+
+
+class ModelReady(BaseModel):
+    name: str
+    ready: bool
+
+
+class TensorMetadata(BaseModel):
+    """One input or output of a model; -1 marks the batch axis."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+
+class ModelMetadata(BaseModel):
+    """A model's inputs and outputs."""
+
+    name: str
+    platform: str
+    inputs: list[TensorMetadata]
+    outputs: list[TensorMetadata]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RequestInput(_Strict):
+    """One input tensor: `data` (flat or nested, row-major) or `parameters.binary_data_size` bytes."""
+
+    name: str
+    shape: list[Annotated[int, Field(ge=0)]]
+    datatype: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    data: list[Any] | None = None
+
+
+class RequestOutput(_Strict):
+    """An output to return; `parameters.binary_data` asks for it as raw bytes."""
+
+    name: str
+    parameters: dict[str, Any] = Field(default_factory=dict)
+
+
+class InferenceRequest(_Strict):
+    """An inference request; without `outputs`, every output is returned."""
+
+    id: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    inputs: list[RequestInput] = Field(min_length=1)
+    outputs: list[RequestOutput] | None = None
+
+
+class ResponseOutput(BaseModel):
+    """One output tensor: `data` (flat, row-major) or `parameters.binary_data_size` bytes after the JSON."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    parameters: dict[str, Any] | None = None
+    data: list[float] | None = None
+
+
+class InferenceResponse(BaseModel):
+    """The outputs of one inference."""
+
+    model_name: str
+    id: str | None = None
+    outputs: list[ResponseOutput]
+
+
+def _error(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    return NumpyJSONResponse({"error": message}, status_code=status_code, headers=headers)
+
+
+class _ProtocolRoute(APIRoute):
+    """A route whose HTTP errors, its dependencies' included, are answered as `{"error": "..."}`."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def protocol_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except HTTPException as error:
+                return _error(error.status_code, str(error.detail), error.headers)
+
+        return protocol_handler
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    reasons = {
+        400: "The request is not a valid inference request (JSON, its schema, or the binary data sizes).",
+        404: "No model of that name: the models are encoder and decoder.",
+        415: "A compressed (Content-Encoding) body.",
+        422: "A request this model cannot run: input or output names, datatype, shape, count or values.",
+        503: "The model is not loaded yet.",
+    }
+    return {code: {"model": ProtocolError, "description": reasons[code]} for code in statuses}
+
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=_ProtocolRoute)
+
+
+def _graph(model: Model, name: str) -> OnnxFile:
+    """The card's entry for the model called `name`; 404 for any other name."""
+    if name == "encoder":
+        return model.card.encoder
+    if name == "decoder":
+        return model.card.decoder
+    raise HTTPException(
+        status.HTTP_404_NOT_FOUND, detail=f"model {name!r} is not served here; the models: encoder, decoder"
+    )
+
+
+def _metadata(spec: TensorSpec) -> TensorMetadata:
+    return TensorMetadata(
+        name=spec.name,
+        datatype=DATATYPES[spec.dtype],
+        shape=[-1 if dim is None else dim for dim in spec.shape],
+    )
+
+
+@router.get("", summary="Server metadata", response_model=ServerMetadata)
+async def server_metadata(request: Request) -> ServerMetadata:
+    """The server's name and version, and `binary_tensor_data`: tensors may travel as raw bytes."""
+    return ServerMetadata(name=SERVER_NAME, version=request.app.version, extensions=["binary_tensor_data"])
+
+
+@router.get("/health/live", summary="Server liveness", response_model=ServerLive)
+async def server_live() -> ServerLive:
+    """The process answers (like /health)."""
+    return ServerLive(live=True)
+
+
+@router.get("/health/ready", summary="Server readiness", response_model=ServerReady, responses=_errors(503))
+async def server_ready(model: ModelDep) -> ServerReady:
+    """Both models are loaded and warmed up (like /ready); 503 before."""
+    return ServerReady(ready=True)
+
+
+@router.get(
+    "/models/{model_name}",
+    summary="Model metadata",
+    response_model=ModelMetadata,
+    responses=_errors(404, 503),
+)
+async def model_metadata(model_name: str, model: ModelDep) -> ModelMetadata:
+    """The inputs and outputs of `encoder` (x -> mu, logvar) or `decoder` (z -> x_mean)."""
+    graph = _graph(model, model_name)
+    return ModelMetadata(
+        name=model_name,
+        platform=PLATFORM,
+        inputs=[_metadata(spec) for spec in graph.inputs],
+        outputs=[_metadata(spec) for spec in graph.outputs],
+    )
+
+
+@router.get(
+    "/models/{model_name}/ready",
+    summary="Model readiness",
+    response_model=ModelReady,
+    responses=_errors(404, 503),
+)
+async def model_ready(model_name: str, model: ModelDep) -> ModelReady:
+    """The model is loaded and warmed up."""
+    _graph(model, model_name)
+    return ModelReady(name=model_name, ready=True)
+
+
+@router.post(
+    "/models/{model_name}/infer",
+    summary="Inference",
+    response_model=InferenceResponse,
+    responses={
+        200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary"}}}},
+        **_errors(400, 404, 415, 422, 503),
+    },
+)
+async def infer(request: Request, model_name: str, model: ModelDep, settings: SettingsDep) -> Response:
+    """Run `encoder` on images x (N, 1, 8, 8 for the default model) or `decoder` on latents z (N, D).
+
+    The body is JSON, or (with `Inference-Header-Content-Length`) JSON followed by the binary input tensors.
+    Outputs asked for with `binary_data` (or all, with the request parameter `binary_data_output`) come back
+    as raw bytes after the JSON, whose length is then in the response's `Inference-Header-Content-Length`.
+    """
+    graph = _graph(model, model_name)
+    header, binary = await _split_body(request)
+    query = _parse(header)
+    (spec,) = graph.inputs
+    if [given.name for given in query.inputs] != [spec.name]:
+        names = ", ".join(repr(given.name) for given in query.inputs)
+        raise _unrunnable(f"inputs are {names}; model {model_name} takes one input, {spec.name!r}")
+    if model_name == "encoder":
+        limit, setting = settings.max_images, "max_images"
+    else:
+        limit, setting = settings.max_latents, "max_latents"
+    tensor = _input_tensor(query.inputs[0], spec, binary, model_name, limit, setting)
+    outputs = _requested_outputs(query, graph, model_name)
+    if model_name == "encoder":
+        mu_logvar = await model.encode_async(tensor)
+        results = dict(zip((spec.name for spec in graph.outputs), mu_logvar, strict=True))
+    else:
+        results = {graph.outputs[0].name: await model.decode_async(tensor)}
+    return _respond(model_name, query.id, [(name, results[name], as_binary) for name, as_binary in outputs])
+
+
+async def _split_body(request: Request) -> tuple[bytes, bytes]:
+    """(JSON header, binary tensor data) of the request body."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            detail=f"Content-Encoding {encoding!r} is not supported; send the body uncompressed",
+        )
+    body = await request.body()
+    length = request.headers.get(HEADER_LENGTH)
+    if length is None:
+        return body, b""
+    if not (length.isascii() and length.isdigit()) or int(length) > len(body):
+        raise _invalid(f"{HEADER_LENGTH} is {length!r} but the body has {len(body)} bytes")
+    return body[: int(length)], body[int(length) :]
+
+
+def _parse(header: bytes) -> InferenceRequest:
+    try:
+        return InferenceRequest.model_validate_json(header)
+    except ValidationError as error:
+        problems = [
+            f"{'.'.join(map(str, detail['loc'])) or 'body'}: {detail['msg']}"
+            for detail in error.errors(include_url=False, include_input=False, include_context=False)
+        ]
+        raise _invalid("; ".join(problems)) from None
+
+
+def _invalid(message: str) -> HTTPException:
+    return HTTPException(status.HTTP_400_BAD_REQUEST, detail=message)
+
+
+def _unrunnable(message: str) -> HTTPException:
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=message)
+
+
+def _flag(parameters: dict[str, Any], name: str, where: str, default: bool = False) -> bool:
+    """A boolean parameter, `default` when absent."""
+    value = parameters.get(name, default)
+    if not isinstance(value, bool):
+        raise _invalid(f"{where}.parameters.{name} is {value!r}; it must be true or false")
+    return value
+
+
+def _refuse_unsupported(parameters: dict[str, Any], where: str) -> None:
+    for name, what in (("shared_memory_region", "shared memory"), ("classification", "classification")):
+        if name in parameters:
+            raise _unrunnable(f"{where}.parameters.{name}: {what} is not supported by this server")
+
+
+def _input_tensor(
+    given: RequestInput, spec: TensorSpec, binary: bytes, model_name: str, limit: int, setting: str
+) -> Floats:
+    """The input as an array of the graph's shape, checked against the card and the server's limits."""
+    where = "inputs[0]"
+    _refuse_unsupported(given.parameters, where)
+    datatype = DATATYPES[spec.dtype]
+    if given.datatype != datatype:
+        raise _unrunnable(f"{where}.datatype is {given.datatype}; {model_name}'s {spec.name} is {datatype}")
+    expected = [-1 if dim is None else dim for dim in spec.shape]
+    shape: list[int] = given.shape
+    if len(shape) != len(expected) or any(
+        dim not in (-1, size) for dim, size in zip(expected, shape, strict=True)
+    ):
+        raise _unrunnable(f"{where}.shape is {shape}; {model_name}'s {spec.name} is {expected}")
+    if not 1 <= shape[0] <= limit:
+        raise _unrunnable(
+            f"{where}.shape has a batch of {shape[0]}; this server takes 1 to {limit} (VAE_{setting.upper()})"
+        )
+    count = math.prod(shape)
+    array: npt.NDArray[Any]
+    if "binary_data_size" in given.parameters:
+        size = given.parameters["binary_data_size"]
+        if given.data is not None:
+            raise _invalid(f"{where} has both data and parameters.binary_data_size")
+        if not isinstance(size, int) or isinstance(size, bool) or size != len(binary):
+            raise _invalid(
+                f"{where}.parameters.binary_data_size is {size!r} but {len(binary)} bytes follow the JSON"
+            )
+        if size != 4 * count:
+            raise _unrunnable(f"{where} has {size} bytes; shape {shape} of {datatype} takes {4 * count}")
+        array = np.frombuffer(binary, dtype="<f4")
+    else:
+        if binary:
+            raise _invalid(f"{len(binary)} bytes follow the JSON but {where} has no binary_data_size")
+        if given.data is None:
+            raise _invalid(f"{where} has neither data nor parameters.binary_data_size")
+        try:
+            array = np.asarray(given.data)
+        except ValueError:
+            raise _unrunnable(f"{where}.data is ragged: its nested lists differ in length") from None
+        if array.dtype.kind not in "iuf":
+            raise _unrunnable(f"{where}.data holds something other than numbers")
+        if array.size != count:
+            raise _unrunnable(f"{where}.data has {array.size} values; shape {shape} takes {count}")
+    if not np.isfinite(array).all():
+        raise _unrunnable(f"{where}.data holds NaN or infinite values")
+    if np.abs(array).max() > _VALUE_BOUND:
+        raise _unrunnable(f"{where}.data holds values beyond ±{_VALUE_BOUND:g}")
+    return np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+
+
+def _requested_outputs(query: InferenceRequest, graph: OnnxFile, model_name: str) -> list[tuple[str, bool]]:
+    """(output name, as binary) in the order asked for; every output when none are named."""
+    all_binary = _flag(query.parameters, "binary_data_output", "request")
+    names = [spec.name for spec in graph.outputs]
+    if query.outputs is None:
+        return [(name, all_binary) for name in names]
+    requested: list[tuple[str, bool]] = []
+    for i, output in enumerate(query.outputs):
+        where = f"outputs[{i}]"
+        _refuse_unsupported(output.parameters, where)
+        if output.name not in names:
+            raise _unrunnable(f"{where}.name is {output.name!r}; {model_name} outputs are {', '.join(names)}")
+        if any(name == output.name for name, _ in requested):
+            raise _unrunnable(f"{where}.name {output.name!r} is asked for twice")
+        requested.append((output.name, _flag(output.parameters, "binary_data", where, all_binary)))
+    return requested
+
+
+def _respond(model_name: str, request_id: str | None, outputs: list[tuple[str, Floats, bool]]) -> Response:
+    """JSON outputs, or the JSON header followed by the binary ones."""
+    entries: list[dict[str, Any]] = []
+    chunks: list[bytes] = []
+    for name, array, as_binary in outputs:
+        entry: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(array.shape)}
+        if as_binary:
+            data = np.ascontiguousarray(array, dtype="<f4").tobytes()
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        else:
+            entry["data"] = np.ascontiguousarray(array.ravel())
+        entries.append(entry)
+    content: dict[str, Any] = {"model_name": model_name, "outputs": entries}
+    if request_id is not None:
+        content["id"] = request_id
+    if not chunks:
+        return NumpyJSONResponse(content)
+    header = orjson.dumps(content, option=orjson.OPT_SERIALIZE_NUMPY)
+    return Response(header + b"".join(chunks), media_type=BINARY, headers={HEADER_LENGTH: str(len(header))})

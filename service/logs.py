@@ -1,0 +1,74 @@
+"""Structured logs: every record of the process (uvicorn's included) as one JSON object per line on stdout.
+
+Each line has `time` (UTC, RFC 3339), `level`, `logger` and `message`, the `request_id` of the request being
+handled when there is one, and the record's extra fields; the access log (`service.access`, one line per
+request, written by the request middleware) adds `method`, `path`, `route`, `status`, `duration_ms` and
+`client`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from pythonjsonlogger.core import RESERVED_ATTRS
+from pythonjsonlogger.orjson import OrjsonFormatter
+
+from service import request_id
+
+__all__ = ["access_log", "configure_logging"]
+
+# One line per answered request; its level is INFO.
+access_log = logging.getLogger("service.access")
+
+
+class _RequestIdFilter(logging.Filter):
+    """Adds the current request id to records that do not carry one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "request_id", None) is None:
+            current = request_id.current()
+            if current is not None:
+                record.request_id = current
+        return True
+
+
+class _StdoutHandler(logging.Handler):
+    """Writes each record to whatever `sys.stdout` is at the time (test runners swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            sys.stdout.write(self.format(record) + "\n")
+            sys.stdout.flush()
+        except Exception:  # logging must never take the request down; the logging module reports it
+            self.handleError(record)
+
+
+def configure_logging() -> None:
+    """Send every logger's records, as JSON lines, to stdout through one handler on the root logger.
+
+    uvicorn's own handlers are removed (its loggers propagate to the root instead) and its access log is
+    silenced: the request middleware writes the access log, with the request id. Calling this again changes
+    nothing.
+    """
+    root = logging.getLogger()
+    if not any(isinstance(handler, _StdoutHandler) for handler in root.handlers):
+        handler = _StdoutHandler()
+        handler.setFormatter(
+            OrjsonFormatter(
+                "{levelname}{name}{message}",
+                style="{",
+                rename_fields={"levelname": "level", "name": "logger", "exc_info": "exception"},
+                # uvicorn repeats its messages with terminal colour codes in `color_message`.
+                reserved_attrs=[*RESERVED_ATTRS, "color_message"],
+                timestamp="time",
+            )
+        )
+        handler.addFilter(_RequestIdFilter())
+        root.addHandler(handler)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logger = logging.getLogger(name)
+        logger.handlers.clear()
+        logger.propagate = True
+    logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("service").setLevel(logging.INFO)

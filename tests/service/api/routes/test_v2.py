@@ -1,0 +1,316 @@
+"""Open Inference Protocol (KServe v2): metadata, health, JSON and binary inference, errors; tritonclient."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import numpy as np
+import numpy.typing as npt
+import orjson
+import pytest
+import tritonclient.http as triton
+from fastapi.testclient import TestClient
+from tritonclient.utils import InferenceServerException
+
+from service.config import Settings
+from service.main import create_app
+from service.model_card import ModelCard
+from service.schemas import EncodeResponse, SampleResponse
+from tests.service.helpers import decoded_png, digit_png, files
+from tests.service.test_main import service_env, stop, uvicorn, wait_ready
+
+# Both paths run the same float32 graphs on the same float32 inputs; 1e-6 leaves room only for rendering
+# the numbers as JSON text and back.
+TOLERANCE = 1e-6
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def digit_tensor(indices: range) -> npt.NDArray[np.float32]:
+    """Digits as the service reads their PNGs: (N, 1, 8, 8) float32 in [0, 1]."""
+    pixels = [decoded_png(digit_png(i)).astype(np.float32) / np.float32(255.0) for i in indices]
+    return np.stack(pixels)[:, None, :, :]
+
+
+def tensor(name: str, array: npt.NDArray[np.float32]) -> dict[str, Any]:
+    return {"name": name, "shape": list(array.shape), "datatype": "FP32", "data": array.ravel().tolist()}
+
+
+def outputs(response: httpx2.Response) -> dict[str, npt.NDArray[np.float32]]:
+    """The JSON outputs of a 200 infer response, as arrays of their declared shapes."""
+    assert response.status_code == 200, response.text
+    return {
+        output["name"]: np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+        for output in response.json()["outputs"]
+    }
+
+
+def error(response: httpx2.Response, status: int) -> str:
+    """The protocol's error message, after checking the status and that the body is exactly {"error"}."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    message: str = body["error"]
+    return message
+
+
+def test_server_metadata_and_health(client: TestClient) -> None:
+    metadata = client.get("/v2").json()
+    assert metadata["name"] == "vae-service"
+    assert metadata["extensions"] == ["binary_tensor_data"]
+    assert client.get("/v2/health/live").json() == {"live": True}
+    assert client.get("/v2/health/ready").json() == {"ready": True}
+    assert client.get("/v2/models/decoder/ready").json() == {"name": "decoder", "ready": True}
+
+
+def test_before_the_model_is_loaded_only_liveness_answers(settings: Settings) -> None:
+    client = TestClient(create_app(settings))  # not entered: the lifespan has not run
+    assert client.get("/v2/health/live").status_code == 200
+    assert error(client.get("/v2/health/ready"), 503) == "the model is not loaded yet"
+    assert error(client.get("/v2/models/encoder/ready"), 503) == "the model is not loaded yet"
+
+
+def test_model_metadata_follows_the_card(client: TestClient, card: ModelCard) -> None:
+    c, h, w = card.input_shape
+    d = card.latent_dim
+    assert client.get("/v2/models/encoder").json() == {
+        "name": "encoder",
+        "platform": "onnxruntime_onnx",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, c, h, w]}],
+        "outputs": [
+            {"name": "mu", "datatype": "FP32", "shape": [-1, d]},
+            {"name": "logvar", "datatype": "FP32", "shape": [-1, d]},
+        ],
+    }
+    decoder = client.get("/v2/models/decoder").json()
+    assert decoder["inputs"] == [{"name": "z", "datatype": "FP32", "shape": [-1, d]}]
+    assert decoder["outputs"] == [{"name": "x_mean", "datatype": "FP32", "shape": [-1, c, h, w]}]
+
+
+@pytest.mark.parametrize("path", ["/v2/models/vae", "/v2/models/vae/ready"], ids=["metadata", "ready"])
+def test_an_unknown_model_is_a_404(client: TestClient, path: str) -> None:
+    assert error(client.get(path), 404) == "model 'vae' is not served here; the models: encoder, decoder"
+
+
+def test_json_encoder_matches_encode(client: TestClient) -> None:
+    x = digit_tensor(range(3))
+    response = client.post("/v2/models/encoder/infer", json={"id": "abc", "inputs": [tensor("x", x)]})
+    assert response.json()["id"] == "abc"
+    got = outputs(response)
+    encoded = EncodeResponse.model_validate_json(
+        client.post("/encode", files=files(*(digit_png(i) for i in range(3)))).content
+    )
+    np.testing.assert_allclose(got["mu"], encoded.mu, rtol=0, atol=TOLERANCE)
+    np.testing.assert_allclose(got["logvar"], encoded.logvar, rtol=0, atol=TOLERANCE)
+
+
+def test_json_decoder_matches_decode_with_flat_or_nested_data(client: TestClient) -> None:
+    z = np.asarray(SampleResponse.model_validate_json(client.get("/sample?n=3&seed=4").content).latents)
+    z = z.astype(np.float32)
+    decoded = client.post("/decode?format=array", json={"latents": z.tolist()}).json()["images"]
+    flat = outputs(client.post("/v2/models/decoder/infer", json={"inputs": [tensor("z", z)]}))
+    nested = {**tensor("z", z), "data": z.tolist()}
+    assert flat["x_mean"].shape == np.shape(decoded)
+    np.testing.assert_allclose(flat["x_mean"], decoded, rtol=0, atol=TOLERANCE)
+    np.testing.assert_array_equal(
+        outputs(client.post("/v2/models/decoder/infer", json={"inputs": [nested]}))["x_mean"], flat["x_mean"]
+    )
+
+
+def binary_request(header: dict[str, Any], *arrays: npt.NDArray[np.float32]) -> dict[str, Any]:
+    """httpx arguments for a body of JSON `header` followed by the arrays as little-endian float32."""
+    json_part = orjson.dumps(header)
+    return {
+        "content": json_part + b"".join(array.astype("<f4").tobytes() for array in arrays),
+        "headers": {HEADER_LENGTH: str(len(json_part)), "content-type": "application/octet-stream"},
+    }
+
+
+def test_binary_tensors_in_and_out(client: TestClient) -> None:
+    x = digit_tensor(range(2))
+    header = {
+        "inputs": [
+            {"name": "x", "shape": [2, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 512}}
+        ],
+        "outputs": [{"name": "logvar", "parameters": {"binary_data": True}}, {"name": "mu"}],
+    }
+    response = client.post("/v2/models/encoder/infer", **binary_request(header, x))
+    assert response.status_code == 200, response.text
+    length = int(response.headers[HEADER_LENGTH])
+    head = orjson.loads(response.content[:length])
+    logvar_entry, mu_entry = head["outputs"]
+    assert logvar_entry == {
+        "name": "logvar",
+        "datatype": "FP32",
+        "shape": [2, 16],
+        "parameters": {"binary_data_size": 2 * 16 * 4},
+    }
+    logvar = np.frombuffer(response.content[length:], dtype="<f4").reshape(2, 16)
+    expected = outputs(client.post("/v2/models/encoder/infer", json={"inputs": [tensor("x", x)]}))
+    np.testing.assert_array_equal(logvar, expected["logvar"])
+    np.testing.assert_array_equal(
+        np.asarray(mu_entry["data"], dtype=np.float32).reshape(2, 16), expected["mu"]
+    )
+
+
+def test_binary_data_output_asks_for_every_output_as_bytes(client: TestClient) -> None:
+    z = np.zeros((1, 16), dtype=np.float32)
+    body = {"parameters": {"binary_data_output": True}, "inputs": [tensor("z", z)]}
+    response = client.post("/v2/models/decoder/infer", json=body)
+    assert response.headers["content-type"] == "application/octet-stream"
+    length = int(response.headers[HEADER_LENGTH])
+    (entry,) = orjson.loads(response.content[:length])["outputs"]
+    assert entry["parameters"] == {"binary_data_size": 64 * 4} and "data" not in entry
+    assert len(response.content) == length + 64 * 4
+
+
+Z = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
+
+
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        ({"inputs": [{**Z, "name": "x"}]}, 422, "inputs are 'x'; model decoder takes one input, 'z'"),
+        ({"inputs": [Z, Z]}, 422, "inputs are 'z', 'z'; model decoder takes one input, 'z'"),
+        ({"inputs": [{**Z, "datatype": "FP64"}]}, 422, "inputs[0].datatype is FP64; decoder's z is FP32"),
+        ({"inputs": [{**Z, "shape": [1, 15]}]}, 422, "inputs[0].shape is [1, 15]; decoder's z is [-1, 16]"),
+        ({"inputs": [{**Z, "shape": [16]}]}, 422, "inputs[0].shape is [16]; decoder's z is [-1, 16]"),
+        ({"inputs": [{**Z, "shape": [0, 16]}]}, 422, "inputs[0].shape has a batch of 0"),
+        (
+            {"inputs": [{**Z, "data": [0.0] * 15}]},
+            422,
+            "inputs[0].data has 15 values; shape [1, 16] takes 16",
+        ),
+        ({"inputs": [{**Z, "data": ["0.5"] * 16}]}, 422, "inputs[0].data holds something other than numbers"),
+        ({"inputs": [{**Z, "data": [True] * 16}]}, 422, "inputs[0].data holds something other than numbers"),
+        ({"inputs": [{**Z, "data": [[0.0] * 8, [0.0] * 9]}]}, 422, "inputs[0].data is ragged"),
+        ({"inputs": [{**Z, "data": [1e7] * 16}]}, 422, "inputs[0].data holds values beyond ±1e+06"),
+        (
+            {"inputs": [Z], "outputs": [{"name": "mu"}]},
+            422,
+            "outputs[0].name is 'mu'; decoder outputs are x_mean",
+        ),
+        (
+            {"inputs": [Z], "outputs": [{"name": "x_mean", "parameters": {"shared_memory_region": "r"}}]},
+            422,
+            "outputs[0].parameters.shared_memory_region: shared memory is not supported",
+        ),
+        (
+            {"inputs": [{**Z, "data": None}]},
+            400,
+            "inputs[0] has neither data nor parameters.binary_data_size",
+        ),
+        ({"inputs": []}, 400, "inputs: List should have at least 1 item"),
+        ({"input": [Z]}, 400, "inputs: Field required; input: Extra inputs are not permitted"),
+        ({"inputs": [Z], "parameters": {"binary_data_output": "yes"}}, 400, "binary_data_output is 'yes'"),
+    ],
+    ids=[
+        "input-name",
+        "two-inputs",
+        "datatype",
+        "shape",
+        "rank",
+        "empty-batch",
+        "count",
+        "strings",
+        "booleans",
+        "ragged",
+        "too-large",
+        "output-name",
+        "shared-memory",
+        "no-data",
+        "no-inputs",
+        "misspelt-field",
+        "non-boolean-flag",
+    ],
+)
+def test_bad_requests_are_named(client: TestClient, body: dict[str, Any], status: int, message: str) -> None:
+    assert message in error(client.post("/v2/models/decoder/infer", json=body), status)
+
+
+def test_a_body_that_is_not_json_is_a_400(client: TestClient) -> None:
+    response = client.post(
+        "/v2/models/decoder/infer", content=b"{", headers={"content-type": "application/json"}
+    )
+    assert "Invalid JSON" in error(response, 400)
+
+
+def test_binary_sizes_must_add_up(client: TestClient) -> None:
+    z = np.zeros((1, 16), dtype=np.float32)
+    declared = {"inputs": [{**Z, "data": None, "parameters": {"binary_data_size": 60}}]}
+    assert "binary_data_size is 60 but 64 bytes follow" in error(
+        client.post("/v2/models/decoder/infer", **binary_request(declared, z)), 400
+    )
+    undeclared = {"inputs": [Z]}
+    assert "64 bytes follow the JSON but inputs[0] has no binary_data_size" in error(
+        client.post("/v2/models/decoder/infer", **binary_request(undeclared, z)), 400
+    )
+    body = binary_request(undeclared)["content"]
+    for length in ("9999", "-1", "²"):  # past the body, negative, a digit that int() does not read
+        wrong = {"content": body, "headers": {HEADER_LENGTH: length.encode()}}
+        message = error(client.post("/v2/models/decoder/infer", **wrong), 400)
+        assert message.startswith(f"{HEADER_LENGTH} is ")
+        assert message.endswith(f"but the body has {len(body)} bytes")
+
+
+def test_binary_nan_is_refused(client: TestClient) -> None:
+    z = np.full((1, 16), np.nan, dtype=np.float32)
+    header = {"inputs": [{**Z, "data": None, "parameters": {"binary_data_size": 64}}]}
+    response = client.post("/v2/models/decoder/infer", **binary_request(header, z))
+    assert error(response, 422) == "inputs[0].data holds NaN or infinite values"
+
+
+def test_a_compressed_body_is_a_415(client: TestClient) -> None:
+    response = client.post(
+        "/v2/models/decoder/infer", json={"inputs": [Z]}, headers={"content-encoding": "gzip"}
+    )
+    assert "Content-Encoding 'gzip' is not supported" in error(response, 415)
+
+
+def test_batches_beyond_the_servers_limit_are_refused(limited: TestClient) -> None:
+    body = {"inputs": [{**Z, "shape": [4, 16], "data": [0.0] * 64}]}
+    message = error(limited.post("/v2/models/decoder/infer", json=body), 422)
+    assert message == "inputs[0].shape has a batch of 4; this server takes 1 to 3 (VAE_MAX_LATENTS)"
+
+
+@pytest.mark.slow
+def test_tritonclient_gets_what_encode_and_decode_give(model_dir: Path, free_port: int) -> None:
+    process = uvicorn(free_port, service_env(model_dir))
+    triton_client = None
+    try:
+        with httpx2.Client(base_url=f"http://127.0.0.1:{free_port}", timeout=5.0) as http:
+            wait_ready(process, http)
+            triton_client = triton.InferenceServerClient(url=f"127.0.0.1:{free_port}", network_timeout=5.0)
+            assert triton_client.is_server_live() and triton_client.is_server_ready()
+            assert triton_client.is_model_ready("encoder") and triton_client.is_model_ready("decoder")
+            assert "binary_tensor_data" in triton_client.get_server_metadata()["extensions"]
+            assert triton_client.get_model_metadata("decoder")["inputs"][0]["shape"] == [-1, 16]
+
+            encoded = EncodeResponse.model_validate_json(
+                http.post("/encode", files=files(*(digit_png(i) for i in range(4)))).content
+            )
+            x = digit_tensor(range(4))
+            for binary in (True, False):  # the binary tensor extension (tritonclient's default), then JSON
+                request = triton.InferInput("x", list(x.shape), "FP32")
+                request.set_data_from_numpy(x, binary_data=binary)
+                wanted = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("mu", "logvar")]
+                result = triton_client.infer("encoder", [request], outputs=wanted)
+                np.testing.assert_allclose(result.as_numpy("mu"), encoded.mu, rtol=0, atol=TOLERANCE)
+                np.testing.assert_allclose(result.as_numpy("logvar"), encoded.logvar, rtol=0, atol=TOLERANCE)
+
+            z = np.asarray(encoded.mu, dtype=np.float32)
+            decoded = http.post("/decode?format=array", json={"latents": z.tolist()}).json()["images"]
+            request = triton.InferInput("z", list(z.shape), "FP32")
+            request.set_data_from_numpy(z)
+            result = triton_client.infer("decoder", [request])  # no outputs named: all of them, as bytes
+            np.testing.assert_allclose(result.as_numpy("x_mean"), decoded, rtol=0, atol=TOLERANCE)
+
+            with pytest.raises(InferenceServerException) as refused:
+                triton_client.infer("vae", [request])
+            assert refused.value.status() == "404"
+            assert refused.value.message() == "model 'vae' is not served here; the models: encoder, decoder"
+    finally:
+        if triton_client is not None:
+            triton_client.close()
+        stop(process)

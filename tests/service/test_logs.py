@@ -1,0 +1,95 @@
+"""Structured logs: one JSON object per line on stdout, an access line per request with its request id."""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import pytest
+from fastapi.testclient import TestClient
+
+from service import request_id
+from service.config import Settings
+from service.main import create_app
+from tests.service.test_main import service_env, stop, uvicorn, wait_ready
+
+ACCESS_FIELDS = {"request_id", "method", "path", "route", "status", "duration_ms"}
+
+
+def access_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [record for record in caplog.records if record.name == "service.access"]
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """Every non-empty line parsed as a JSON object (fails on any line that is not one)."""
+    entries = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert all(isinstance(entry, dict) for entry in entries)
+    return entries
+
+
+def test_each_request_gets_an_access_record(client: TestClient, caplog: pytest.LogCaptureFixture) -> None:
+    client.get("/sample?n=2", headers={"X-Request-ID": "req-1"})
+    client.get("/sample?n=0", headers={"X-Request-ID": "req-2"})
+    client.get("/v2/models/nothing", headers={"X-Request-ID": "req-3"})
+    records = access_records(caplog)
+    assert [(r.request_id, r.method, r.path, r.route, r.status) for r in records] == [
+        ("req-1", "GET", "/sample", "/sample", 200),
+        ("req-2", "GET", "/sample", "/sample", 422),
+        ("req-3", "GET", "/v2/models/nothing", "/v2/models/{model_name}", 404),
+    ]
+    assert all(record.duration_ms > 0 for record in records)
+
+
+def test_access_lines_are_json_on_stdout(client: TestClient, capsys: pytest.CaptureFixture[str]) -> None:
+    capsys.readouterr()
+    returned = client.get("/health").headers["x-request-id"]
+    (line,) = json_lines(capsys.readouterr().out)
+    assert ACCESS_FIELDS | {"time", "level", "logger", "message"} <= set(line)
+    assert line["request_id"] == returned
+    assert (line["level"], line["logger"], line["message"]) == ("INFO", "service.access", "GET /health 200")
+    assert (line["method"], line["path"], line["status"]) == ("GET", "/health", 200)
+
+
+def test_records_written_during_a_request_carry_its_id(
+    client: TestClient, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def during_a_request() -> None:
+        request_id.accept(b"req-42")
+        logging.getLogger("service.test").warning("something to note")
+
+    capsys.readouterr()
+    contextvars.copy_context().run(during_a_request)
+    logging.getLogger("service.test").warning("outside any request")
+    inside, outside = json_lines(capsys.readouterr().out)
+    assert (inside["message"], inside["request_id"]) == ("something to note", "req-42")
+    assert outside["message"] == "outside any request" and "request_id" not in outside
+
+
+def test_the_access_log_can_be_turned_off(settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    with TestClient(create_app(settings.model_copy(update={"access_log": False}))) as quiet:
+        assert quiet.get("/health").headers["x-request-id"]
+    assert access_records(caplog) == []
+
+
+@pytest.mark.slow
+def test_uvicorn_writes_only_json_lines(model_dir: Path, free_port: int) -> None:
+    process = uvicorn(free_port, service_env(model_dir))
+    try:
+        with httpx2.Client(base_url=f"http://127.0.0.1:{free_port}", timeout=5.0) as http:
+            wait_ready(process, http)
+            assert http.get("/sample?n=1", headers={"X-Request-ID": "from-the-test"}).status_code == 200
+    finally:
+        output = stop(process)
+    entries = json_lines(output)
+    messages = [entry["message"] for entry in entries]
+    assert any("running on CPUExecutionProvider" in message for message in messages)
+    assert "Application startup complete." in messages
+    (access,) = [entry for entry in entries if entry.get("request_id") == "from-the-test"]
+    assert ACCESS_FIELDS <= set(access)
+    assert (access["logger"], access["route"], access["status"]) == ("service.access", "/sample", 200)
+    # The access log is the service's own (with the request id), not uvicorn's as well.
+    assert not any(entry["logger"] == "uvicorn.access" for entry in entries)
