@@ -1,0 +1,68 @@
+"""`python -m service --host H --port P`: the service under uvicorn, as `make serve` and the image run it.
+
+Settings come from the environment (`VAE_*`) and are checked before anything loads: a bad one ends the
+process with its message and exit status 2. A model that cannot be served ends it with status 3 (uvicorn's
+"startup failed"). On SIGTERM or Ctrl-C, uvicorn stops accepting connections, lets the requests in flight
+finish for at most VAE_DRAIN_TIMEOUT seconds (then cancels them), runs the app's shutdown, and the process
+exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from types import FrameType
+
+import uvicorn
+from pydantic import ValidationError
+
+from service.config import get_settings
+
+__all__ = ["main"]
+
+# uvicorn's exit status for an app that failed to start.
+STARTUP_FAILED = 3
+BAD_SETTINGS = 2
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM outside uvicorn's own handling: before it starts, or re-raised by it after a graceful stop."""
+    raise SystemExit(0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service", description="Serve the VAE service.")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    args = parser.parse_args(argv)
+    try:
+        settings = get_settings()
+    except ValidationError as error:
+        # One line per bad variable, without the values (VAE_API_KEYS is one of them).
+        for problem in error.errors(include_url=False, include_input=False):
+            name = f"VAE_{str(problem['loc'][0]).upper()}" if problem["loc"] else "settings"
+            print(f"invalid setting {name}: {problem['msg']}", file=sys.stderr)
+        return BAD_SETTINGS
+    # The factory, as `uvicorn --factory` takes it: uvicorn sets up its logging first, then the app its own.
+    # It gets the settings just read (get_settings() reads the environment once).
+    config = uvicorn.Config(
+        "service.main:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        timeout_graceful_shutdown=settings.drain_timeout,
+    )
+    server = uvicorn.Server(config)
+    # uvicorn handles SIGTERM while it serves, then raises it again with the handler it found: this one,
+    # so that a graceful stop exits 0 rather than being killed by the default action.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C, re-raised by uvicorn after the same graceful stop
+        pass
+    return 0 if server.started else STARTUP_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+"""What every request passes before any work is done for it: CORS, API key, work in flight, body size.
+
+Plain ASGI middleware, a few microseconds per request, added by `install(app, settings)`, which also writes
+their answers into the OpenAPI schema. Every refusal is JSON with a `detail`:
+
+- 401 without an API key and 403 with a wrong one, when VAE_API_KEYS is set (`OPEN_PATHS` stay open);
+- 503 with `Retry-After` at once when VAE_MAX_IN_FLIGHT requests are being handled already;
+- 413 for a body past VAE_MAX_BODY_BYTES: from its Content-Length before the app runs, or counted while it
+  streams in, so that a body without a length, or with a false one, is cut off there and never read whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, status
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from pydantic import SecretStr
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service import request_id
+from service.api.routes.playground import is_page_path
+from service.config import Settings
+from service.schemas import ErrorResponse
+
+__all__ = ["OPEN_PATHS", "APIKeys", "BodyLimit", "InFlightLimit", "install"]
+
+# Probes and the Prometheus scrape: answered without a key and outside the in-flight bound, so that a busy
+# server still reports (the KServe v2 health routes are the same probes for Triton/KServe clients).
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# Seconds a client refused for load is told to wait before it tries again.
+RETRY_AFTER_S = 1
+
+
+async def _refuse(
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    code: int,
+    detail: str,
+    headers: dict[str, str] | None = None,
+) -> None:
+    """Answer JSON `{"detail": ...}` without calling the app (nothing of the body is read)."""
+    await JSONResponse({"detail": detail}, status_code=code, headers=headers)(scope, receive, send)
+
+
+class BodyLimit:
+    """413 for a request body of more than `max_bytes`, declared or counted."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _detail(self, size: str) -> str:
+        return f"the request body is {size}; this server takes at most {self.max_bytes} (VAE_MAX_BODY_BYTES)"
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            detail = self._detail(f"{declared} bytes")
+            await _refuse(scope, receive, send, status.HTTP_413_CONTENT_TOO_LARGE, detail)
+            return
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    # Raised inside the route that reads the body: FastAPI answers it as JSON.
+                    raise HTTPException(
+                        status.HTTP_413_CONTENT_TOO_LARGE, self._detail(f"more than {self.max_bytes} bytes")
+                    )
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope["headers"]:
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None
+
+
+class InFlightLimit:
+    """At most `limit` requests handled at once (probes aside); the next ones get 503 at once."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            detail = (
+                f"the server is handling {self.limit} requests, its limit (VAE_MAX_IN_FLIGHT); "
+                f"retry in {RETRY_AFTER_S} s"
+            )
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
+            await _refuse(scope, receive, send, status.HTTP_503_SERVICE_UNAVAILABLE, detail, headers)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1
+
+
+class APIKeys:
+    """Requests outside `OPEN_PATHS` and the playground page need one of `keys`: 401 without a key, 403 with
+    another one.
+
+    Keys are compared as SHA-256 digests with `hmac.compare_digest`, against every key: the time taken
+    tells nothing about the key sent, not even its length.
+    """
+
+    def __init__(self, app: ASGIApp, keys: list[SecretStr]) -> None:
+        self.app = app
+        self._digests = [_digest(key.get_secret_value().encode()) for key in keys]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or is_page_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        presented = _presented_key(scope)
+        if presented is None:
+            detail = "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+            headers = {"WWW-Authenticate": "Bearer"}
+            await _refuse(scope, receive, send, status.HTTP_401_UNAUTHORIZED, detail, headers)
+            return
+        digest = _digest(presented)
+        accepted = False
+        for known in self._digests:
+            accepted |= hmac.compare_digest(digest, known)
+        if not accepted:
+            await _refuse(scope, receive, send, status.HTTP_403_FORBIDDEN, "the API key is not valid")
+            return
+        await self.app(scope, receive, send)
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
+
+
+def _presented_key(scope: Scope) -> bytes | None:
+    """The key of `Authorization: Bearer <key>` or `X-API-Key: <key>`, if the request has one."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
+        if name == b"authorization":
+            scheme, _, token = value.strip().partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+        elif name == b"x-api-key" and value.strip():
+            return value.strip()
+    return None
+
+
+def install(app: FastAPI, settings: Settings) -> None:
+    """Add the guards to `app` (outermost first: CORS, API keys, in-flight bound, body size) and document
+    what they answer in its OpenAPI schema."""
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(InFlightLimit, limit=settings.max_in_flight)
+    if settings.api_keys:
+        app.add_middleware(APIKeys, keys=settings.api_keys)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", request_id.HEADER],
+            expose_headers=[request_id.HEADER, "Retry-After"],
+        )
+    app.openapi = _documented(app.openapi, keys=bool(settings.api_keys))  # type: ignore[method-assign]
+
+
+# The refusals above as OpenAPI responses: status -> description.
+_BODY_TOO_LARGE = {
+    "413": "The body is larger than VAE_MAX_BODY_BYTES, or an image has more pixels than "
+    "VAE_MAX_IMAGE_PIXELS (the detail names it).",
+}
+_BUSY = {"503": "The model is not loaded yet, or VAE_MAX_IN_FLIGHT requests are in flight (see Retry-After)."}
+_UNAUTHORISED = {
+    "401": "No API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.",
+    "403": "The API key is not valid.",
+}
+_SECURITY_SCHEMES = {
+    "bearer": {"type": "http", "scheme": "bearer"},
+    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+}
+
+
+def _documented(openapi: Callable[[], dict[str, Any]], *, keys: bool) -> Callable[[], dict[str, Any]]:
+    """`app.openapi` with the guards' answers added to every operation they apply to."""
+
+    def generate() -> dict[str, Any]:
+        schema = openapi()  # built once and cached by FastAPI; the additions below are idempotent
+        error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        components = schema.setdefault("components", {})
+        components.setdefault("schemas", {}).setdefault("ErrorResponse", ErrorResponse.model_json_schema())
+        if keys:
+            components["securitySchemes"] = _SECURITY_SCHEMES
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                refusals = dict(_BODY_TOO_LARGE) if "requestBody" in operation else {}
+                if path not in OPEN_PATHS:
+                    refusals |= _BUSY | (_UNAUTHORISED if keys else {})
+                    if keys:
+                        operation["security"] = [{name: []} for name in _SECURITY_SCHEMES]
+                responses = operation.setdefault("responses", {})
+                for code, description in refusals.items():
+                    responses.setdefault(code, {"description": description, "content": error})
+        return schema
+
+    return generate

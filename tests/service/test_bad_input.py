@@ -1,0 +1,577 @@
+"""The bad-input corpus: every kind of bad request gets a 4xx whose detail names the field or the file.
+
+Each case is sent to one app with small limits, in order; after all of them the same app still answers
+/ready and a normal request. No detail quotes what was uploaded (`MARKER` sits inside many payloads).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service import imaging
+from service.config import Settings
+from service.main import create_app
+from service.model_card import ModelCard
+from tests.service.conftest import LIMITS
+from tests.service.helpers import b64, detail, digit_png, png, truncated_png
+
+BODY_LIMIT = 256 * 1024
+PIXEL_LIMIT = 256 * 256
+MARKER = "MARKER-5e1f0c77"
+JSON = {"content-type": "application/json"}
+D = 16  # the default model's latent_dim
+
+
+def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(width: int = 20_000, height: int = 20_000) -> bytes:
+    """A 1-bit black PNG of width x height: about 50 kB that would decode to width x height bytes."""
+    row = b"\0" * (1 + (width + 7) // 8)  # filter byte, then 8 pixels a byte
+    compressor = zlib.compressobj(9)
+    rows_per_block = 1000
+    data = [compressor.compress(row * rows_per_block) for _ in range(height // rows_per_block)]
+    data.append(compressor.compress(row * (height % rows_per_block)) + compressor.flush())
+    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)  # bit depth 1, greyscale
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", b"".join(data)) + chunk(b"IEND", b"")
+    )
+
+
+def jpeg_with_garbage() -> bytes:
+    buffer = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64), dtype=np.uint8)).save(buffer, format="JPEG")
+    head = buffer.getvalue()[:200]
+    return head + MARKER.encode() * 20
+
+
+def upload(name: str, data: bytes, content_type: str = "image/png") -> dict[str, Any]:
+    return {"files": [("files", (name, data, content_type))]}
+
+
+def latents(*vectors: Any) -> bytes:
+    return ('{"latents": [' + ", ".join(str(v) for v in vectors) + "]}").encode()
+
+
+ZEROS = "[" + ", ".join(["0.0"] * D) + "]"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad request and what must come back: a detail that starts with `expected`, or for a 422 an
+    entry at `loc` whose message starts with `expected`."""
+
+    id: str
+    method: str
+    url: str
+    status: int
+    expected: str
+    loc: tuple[str | int, ...] | None = None
+    request: dict[str, Any] = field(default_factory=dict)
+
+
+CASES = [
+    # Sizes: the body, and the pixels an image would decode to.
+    Case(
+        "body-content-length",
+        "POST",
+        "/decode",
+        413,
+        f"the request body is {BODY_LIMIT + 1} bytes; this server takes at most {BODY_LIMIT} "
+        "(VAE_MAX_BODY_BYTES)",
+        request={"content": b" " * (BODY_LIMIT + 1), "headers": JSON},
+    ),
+    Case(
+        "body-streamed",
+        "POST",
+        "/encode",
+        413,
+        f"the request body is more than {BODY_LIMIT} bytes;",
+        request={
+            "content": (b"\0" * 65536 for _ in range(8)),
+            "headers": {"content-type": "multipart/form-data; boundary=b"},
+        },
+    ),
+    Case(
+        "bomb-multipart",
+        "POST",
+        "/encode",
+        413,
+        f"file 0 ('bomb.png') has more pixels than the {PIXEL_LIMIT} this server decodes "
+        "(VAE_MAX_IMAGE_PIXELS)",
+        request=upload("bomb.png", bomb_png()),
+    ),
+    Case(
+        "bomb-json",
+        "POST",
+        "/reconstruct",
+        413,
+        "images[0] has more pixels than the",
+        request={"json": {"images": [b64(bomb_png())]}},
+    ),
+    Case(
+        "pixels-over-the-setting",
+        "POST",
+        "/kl",
+        413,
+        f"file 0 ('wide.png') is 1000x100 pixels, more than the {PIXEL_LIMIT} this server decodes",
+        request=upload("wide.png", png(np.zeros((100, 1000), dtype=np.uint8))),
+    ),
+    Case(
+        "bomb-interpolate",
+        "POST",
+        "/interpolate?steps=4",
+        413,
+        f"file 1 ('b.png') is 5000x5000 pixels, more than the {PIXEL_LIMIT} this server decodes",
+        request={
+            "files": [
+                ("files", ("a.png", digit_png(0), "image/png")),
+                ("files", ("b.png", bomb_png(5000, 5000), "image/png")),
+            ]
+        },
+    ),
+    # Counts past the settings.
+    Case(
+        "images-per-request",
+        "POST",
+        "/encode",
+        422,
+        "3 images sent; this server takes at most 2 per request",
+        loc=("body", "files"),
+        request={"files": [("files", (f"{i}.png", digit_png(i), "image/png")) for i in range(3)]},
+    ),
+    Case(
+        "images-per-request-json",
+        "POST",
+        "/encode",
+        422,
+        "3 images sent; this server takes at most 2",
+        loc=("body", "images"),
+        request={"json": {"images": [b64(digit_png(i)) for i in range(3)]}},
+    ),
+    Case(
+        "n",
+        "GET",
+        "/sample?n=4",
+        422,
+        "n is 4; this server allows at most 3 (VAE_MAX_LATENTS)",
+        ("query", "n"),
+    ),
+    Case("n-zero", "GET", "/sample?n=0", 422, "Input should be greater than or equal to 1", ("query", "n")),
+    Case(
+        "samples",
+        "POST",
+        "/encode?samples=3",
+        422,
+        "samples is 3; this server allows at most 2 (VAE_MAX_SAMPLES)",
+        ("query", "samples"),
+        upload("a.png", digit_png(0)),
+    ),
+    Case(
+        "steps",
+        "POST",
+        "/interpolate?steps=5",
+        422,
+        "steps is 5; this server allows at most 4 (VAE_MAX_STEPS)",
+        ("query", "steps"),
+        {"content": latents(ZEROS, ZEROS), "headers": JSON},
+    ),
+    Case(
+        "steps-one",
+        "POST",
+        "/interpolate?steps=1",
+        422,
+        "Input should be greater than or equal to 2",
+        ("query", "steps"),
+        {"content": latents(ZEROS, ZEROS), "headers": JSON},
+    ),
+    Case(
+        "latents-per-request",
+        "POST",
+        "/decode",
+        422,
+        "4 vectors sent; this server takes at most 3 per request",
+        ("body", "latents"),
+        {"content": latents(ZEROS, ZEROS, ZEROS, ZEROS), "headers": JSON},
+    ),
+    # Files that are not readable images.
+    Case(
+        "zero-byte",
+        "POST",
+        "/encode",
+        400,
+        "file 0 ('empty.png') is empty (0 bytes)",
+        request=upload("empty.png", b""),
+    ),
+    Case(
+        "not-an-image",
+        "POST",
+        "/encode",
+        400,
+        "file 0 ('notes.txt') is not an image format Pillow can read",
+        request=upload("notes.txt", f"{MARKER}: my notes".encode(), "text/plain"),
+    ),
+    Case(
+        "corrupt-png",
+        "POST",
+        "/reconstruct",
+        400,
+        "file 0 ('corrupt.png') is not an image format Pillow can read",
+        request=upload("corrupt.png", b"\x89PNG\r\n\x1a\n" + MARKER.encode() * 10),
+    ),
+    Case(
+        "truncated-png",
+        "POST",
+        "/encode",
+        400,
+        "file 0 ('truncated.png') cannot be decoded (OSError: corrupt or truncated)",
+        request=upload("truncated.png", truncated_png()),
+    ),
+    Case(
+        "corrupt-jpeg",
+        "POST",
+        "/kl",
+        400,
+        "file 0 ('photo.jpg') cannot be decoded",
+        request=upload("photo.jpg", jpeg_with_garbage(), "image/jpeg"),
+    ),
+    Case(
+        "not-an-image-json",
+        "POST",
+        "/encode",
+        400,
+        "images[0] is not an image format Pillow can read",
+        request={"json": {"images": [b64(MARKER.encode())]}},
+    ),
+    Case(
+        "not-base64",
+        "POST",
+        "/encode",
+        422,
+        "Value error, not valid base64",
+        ("body", "images", 0),
+        {"json": {"images": [MARKER + "!"]}},
+    ),
+    # Content types.
+    Case(
+        "text-plain",
+        "POST",
+        "/encode",
+        415,
+        "content type 'text/plain' is not supported here; send application/json or multipart/form-data",
+        request={"content": MARKER.encode(), "headers": {"content-type": "text/plain"}},
+    ),
+    Case(
+        "no-content-type",
+        "POST",
+        "/decode",
+        415,
+        "content type '(none)' is not supported here; send application/json",
+        request={"content": latents(ZEROS)},
+    ),
+    Case(
+        "form-urlencoded",
+        "POST",
+        "/kl",
+        415,
+        "content type 'application/x-www-form-urlencoded' is not supported here",
+        request={"data": {"mu": MARKER}},
+    ),
+    Case(
+        "multipart-to-json-only",
+        "POST",
+        "/decode",
+        415,
+        "content type 'multipart/form-data' is not supported here; send application/json",
+        request=upload("a.png", digit_png(0)),
+    ),
+    Case(
+        "raw-png-body",
+        "POST",
+        "/reconstruct",
+        415,
+        "content type 'image/png' is not supported here",
+        request={"content": digit_png(0), "headers": {"content-type": "image/png"}},
+    ),
+    # Multipart that is not what the endpoints read.
+    Case(
+        "multipart-no-boundary",
+        "POST",
+        "/encode",
+        400,
+        "Missing boundary in multipart.",
+        request={"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
+    ),
+    Case(
+        "multipart-garbage",
+        "POST",
+        "/encode",
+        400,
+        "Invalid multipart data.",
+        request={"content": MARKER.encode(), "headers": {"content-type": "multipart/form-data; boundary=x"}},
+    ),
+    Case(
+        "files-as-text",
+        "POST",
+        "/encode",
+        422,
+        "files[0] is a text field, not a file",
+        ("body", "files", 0),
+        {"data": {"files": MARKER}, "files": [("other", ("a.png", b"x", "image/png"))]},
+    ),
+    Case(
+        "no-files-part",
+        "POST",
+        "/reconstruct",
+        422,
+        "no images: send one multipart part named 'files' per image",
+        ("body", "files"),
+        {"files": [("image", ("a.png", digit_png(0), "image/png"))]},
+    ),
+    # JSON that does not parse, or not as the schema says.
+    Case(
+        "malformed-json",
+        "POST",
+        "/decode",
+        422,
+        "Invalid JSON: EOF while parsing",
+        ("body",),
+        {"content": b'{"latents": [[0.0,', "headers": JSON},
+    ),
+    Case(
+        "empty-json",
+        "POST",
+        "/decode",
+        422,
+        "Invalid JSON: EOF while parsing a value",
+        ("body",),
+        {"content": b"", "headers": JSON},
+    ),
+    Case(
+        "json-not-an-object",
+        "POST",
+        "/kl",
+        422,
+        "Input should be an object",
+        ("body",),
+        {"content": b"[1, 2]", "headers": JSON},
+    ),
+    Case(
+        "latents-a-string",
+        "POST",
+        "/decode",
+        422,
+        "Input should be a valid array",
+        ("body", "latents"),
+        {"json": {"latents": MARKER}},
+    ),
+    Case(
+        "strings-for-numbers",
+        "POST",
+        "/decode",
+        422,
+        "Input should be a valid number",
+        ("body", "latents", 0, 1),
+        {"json": {"latents": [[0.0, "1.5"] + [0.0] * (D - 2)]}},
+    ),
+    Case(
+        "bool-for-number",
+        "POST",
+        "/interpolate?steps=4",
+        422,
+        "Input should be a valid number",
+        ("body", "latents", 1, 0),
+        {"json": {"latents": [[0.0] * D, [True] + [0.0] * (D - 1)]}},
+    ),
+    Case(
+        "nan",
+        "POST",
+        "/decode",
+        422,
+        "Input should be a finite number",
+        ("body", "latents", 0, 0),
+        {"content": latents("[NaN" + ", 0.0" * (D - 1) + "]"), "headers": JSON},
+    ),
+    Case(
+        "infinity",
+        "POST",
+        "/decode",
+        422,
+        "Input should be a finite number",
+        ("body", "latents", 0, 2),
+        {"content": latents("[0.0, 0.0, -Infinity" + ", 0.0" * (D - 3) + "]"), "headers": JSON},
+    ),
+    Case(
+        "overflow-to-infinity",
+        "POST",
+        "/kl",
+        422,
+        "Input should be a finite number",
+        ("body", "mu"),
+        {
+            "content": ('{"mu": [1e999' + ", 0.0" * (D - 1) + '], "logvar": ' + ZEROS + "}").encode(),
+            "headers": JSON,
+        },
+    ),
+    Case(
+        "nan-in-query",
+        "GET",
+        "/sample?n=2&temperature=nan",
+        422,
+        "Input should be a finite number",
+        ("query", "temperature"),
+    ),
+    Case(
+        "logvar-out-of-range",
+        "POST",
+        "/kl",
+        422,
+        "Input should be less than or equal to 100",
+        ("body", "logvar"),
+        {"json": {"mu": [0.0] * D, "logvar": [1000.0] + [0.0] * (D - 1)}},
+    ),
+    Case(
+        "wrong-latent-length",
+        "POST",
+        "/decode",
+        422,
+        "latent 1 has 3 values; this model takes 16",
+        ("body", "latents", 1),
+        {"json": {"latents": [[0.0] * D, [0.0] * 3]}},
+    ),
+    Case(
+        "empty-latents",
+        "POST",
+        "/decode",
+        422,
+        "List should have at least 1 item",
+        ("body", "latents"),
+        {"json": {"latents": []}},
+    ),
+    Case(
+        "unknown-field",
+        "POST",
+        "/decode",
+        422,
+        "Extra inputs are not permitted",
+        ("body", "extra"),
+        {"json": {"latents": [[0.0] * D], "extra": MARKER}},
+    ),
+    Case(
+        "nested-garbage",
+        "POST",
+        "/kl",
+        422,
+        "Input should be a valid number",
+        ("body", "mu"),
+        {"json": {"mu": [{"a": [1, {"b": [None, MARKER]}]}] + [0.0] * (D - 1), "logvar": [0.0] * D}},
+    ),
+    Case(
+        "deep-nesting",
+        "POST",
+        "/decode",
+        422,
+        "Invalid JSON: recursion limit exceeded",
+        ("body",),
+        {"content": b'{"latents": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "headers": JSON},
+    ),
+    # Very long strings: named, cut or refused, never echoed.
+    Case(
+        "long-string-for-latents",
+        "POST",
+        "/decode",
+        422,
+        "Input should be a valid array",
+        ("body", "latents"),
+        {"json": {"latents": MARKER * 10_000}},
+    ),
+    Case(
+        "long-base64-image",
+        "POST",
+        "/encode",
+        400,
+        "images[0] is not an image format Pillow can read",
+        request={"json": {"images": ["QUFB" * 40_000]}},
+    ),
+    Case(
+        "long-query-value",
+        "GET",
+        f"/sample?n=2&format={MARKER * 300}",
+        422,
+        "Input should be 'png', 'array', 'grid' or 'npy'",
+        ("query", "format"),
+    ),
+    Case(
+        "query-not-a-number",
+        "GET",
+        f"/sample?n={MARKER}",
+        422,
+        "Input should be a valid integer",
+        ("query", "n"),
+    ),
+    Case(
+        "long-file-name",
+        "POST",
+        "/encode",
+        400,
+        "file 0 ('" + "n" * 64 + "'...) is not an image format Pillow can read",
+        request=upload("n" * 1000, MARKER.encode()),
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def strict(settings: Settings) -> Iterator[TestClient]:
+    """One app with small limits for the whole corpus."""
+    update = {**LIMITS, "max_body_bytes": BODY_LIMIT, "max_image_pixels": PIXEL_LIMIT}
+    with TestClient(create_app(settings.model_copy(update=update))) as client:
+        yield client
+
+
+@pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
+def test_bad_input_is_a_4xx_naming_the_field(strict: TestClient, case: Case) -> None:
+    response = strict.request(case.method, case.url, **case.request)
+    if case.loc is None:
+        assert detail(response, case.status).startswith(case.expected), response.text
+    else:
+        entries = detail(response, 422)
+        # A prefix: /kl's mu and logvar are a vector or a list of vectors, and pydantic names the branch.
+        assert any(
+            tuple(entry["loc"][: len(case.loc)]) == case.loc and entry["msg"].startswith(case.expected)
+            for entry in entries
+        ), response.text
+        assert all(set(entry) == {"type", "loc", "msg"} for entry in entries)
+    assert MARKER not in response.text
+    assert len(response.content) < 4000
+
+
+def test_the_server_still_serves_after_the_corpus(strict: TestClient, card: ModelCard) -> None:
+    # Runs after the corpus (pytest keeps the file's order) on the same app.
+    assert strict.get("/ready").status_code == 200
+    encoded = strict.post("/encode", files={"files": ("a.png", digit_png(0), "image/png")})
+    assert encoded.status_code == 200
+    assert len(encoded.json()["mu"][0]) == card.latent_dim
+    assert strict.get("/sample?n=3&format=grid").headers["content-type"] == "image/png"
+
+
+def test_pillow_guard_backs_up_the_setting() -> None:
+    """Without a limit of the service's own, Pillow's guard still refuses the bomb, before decoding it."""
+    from service.model_card import InputSpec
+
+    spec = InputSpec(channels=1, height=8, width=8, foreground="light")
+    with pytest.raises(
+        imaging.ImageTooLarge, match=r"is too large to decode \(Image size \(400000000 pixels\)"
+    ):
+        imaging.load_image(bomb_png(), spec)

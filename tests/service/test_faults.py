@@ -1,0 +1,252 @@
+"""Faults and overload: a failing model run, a full server, SIGTERM with requests in flight, bad startups.
+
+All but the first run the real server (`python -m service`, as `make serve` does) on a loopback port.
+Requests are held in flight by uploading their bodies slowly from a raw socket: the server has read the
+headers and is inside the app, waiting for the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import re
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.main import create_app
+from service.model_card import ModelCard, sha256_file
+from service.runtime import Model
+from tests.service.test_main import service_env, stop, uvicorn, wait_ready
+from tests.service.test_runtime import edit_card
+
+# How long the server may take to notice SIGTERM, close its socket, or exit beyond its drain timeout.
+SIGNAL_S = 5.0
+
+
+def test_a_failing_model_run_is_a_json_500_with_the_request_id(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(self: Model, graph: str, tensor: np.ndarray) -> list[np.ndarray]:
+        raise RuntimeError("[ONNXRuntimeError] : 6 : RUNTIME_EXCEPTION : Non-zero status code")
+
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        with monkeypatch.context() as patch:
+            patch.setattr(Model, "run", broken)
+            given = client.get("/sample?n=1", headers={"X-Request-ID": "trace-42"})
+            assert given.status_code == 500
+            assert given.json() == {"detail": "internal server error", "request_id": "trace-42"}
+            assert given.headers["x-request-id"] == "trace-42"
+            made = client.post("/decode", json={"latents": [[0.0] * 16]})
+            assert made.status_code == 500
+            assert re.fullmatch(r"[0-9a-f]{32}", made.json()["request_id"])
+            assert made.headers["x-request-id"] == made.json()["request_id"]
+        # Only those requests failed: the same app goes on serving.
+        assert client.get("/ready").status_code == 200
+        assert client.get("/sample?n=1").status_code == 200
+
+
+def decode_body(rows: int = 4) -> bytes:
+    return json.dumps({"latents": [[0.1 * i] * 16 for i in range(rows)]}).encode()
+
+
+def start_upload(port: int, body: bytes) -> socket.socket:
+    """POST /decode with only the first half of its body sent: the request is in flight until the rest."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    head = (
+        "POST /decode HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body[: len(body) // 2])
+    return sock
+
+
+def finish_upload(sock: socket.socket, body: bytes) -> tuple[int, Any]:
+    """Send the rest of the body; the response's status and JSON."""
+    with sock:
+        sock.sendall(body[len(body) // 2 :])
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        return response.status, json.loads(response.read())
+
+
+def refuses_connections(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def ready_server(port: int, model_dir: Path, **env: str) -> Any:
+    process = uvicorn(port, service_env(model_dir, **env))
+    with httpx2.Client(base_url=f"http://127.0.0.1:{port}", timeout=5.0) as http:
+        wait_ready(process, http)
+    return process
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_every_request_in_flight(model_dir: Path, free_port: int) -> None:
+    process = ready_server(free_port, model_dir, VAE_DRAIN_TIMEOUT="20")
+    try:
+        body = decode_body()
+        uploads = [start_upload(free_port, body) for _ in range(8)]
+        time.sleep(0.5)  # the server has their headers: they are in flight
+        process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + SIGNAL_S
+        while not refuses_connections(free_port):  # it stops accepting...
+            assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
+            time.sleep(0.1)
+        time.sleep(1.0)
+        assert process.poll() is None  # ...but waits for the requests it has
+        for sock in uploads:
+            status, answer = finish_upload(sock, body)
+            assert status == 200, answer
+            assert len(answer["images"]) == 4
+        assert process.wait(timeout=SIGNAL_S) == 0
+    finally:
+        output = stop(process)
+    assert "Application shutdown complete." in output
+
+
+@pytest.mark.slow
+def test_drain_timeout_bounds_the_wait(model_dir: Path, free_port: int) -> None:
+    process = ready_server(free_port, model_dir, VAE_DRAIN_TIMEOUT="2")
+    try:
+        stuck = start_upload(free_port, decode_body())  # never finished
+        time.sleep(0.5)
+        start = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=2 + SIGNAL_S) == 0
+        assert time.monotonic() - start >= 2.0
+        stuck.close()
+    finally:
+        output = stop(process)
+    assert "Cancel 1 running task(s), timeout graceful shutdown exceeded" in output
+
+
+@pytest.mark.slow
+def test_a_flood_past_the_in_flight_limit_is_refused_fast(model_dir: Path, free_port: int) -> None:
+    limit = 4
+    process = ready_server(free_port, model_dir, VAE_MAX_IN_FLIGHT=str(limit))
+    base = f"http://127.0.0.1:{free_port}"
+    try:
+        body = decode_body()
+        held = [start_upload(free_port, body) for _ in range(limit)]
+        time.sleep(0.5)
+
+        async def flood() -> list[tuple[int, str | None, float]]:
+            limits = httpx2.Limits(max_connections=64)
+            async with httpx2.AsyncClient(base_url=base, timeout=10.0, limits=limits) as http:
+
+                async def one(path: str) -> tuple[int, str | None, float]:
+                    start = time.monotonic()
+                    response = await http.get(path)
+                    return response.status_code, response.headers.get("retry-after"), time.monotonic() - start
+
+                paths = ["/sample?n=4", "/model", "/sample?n=1&format=grid"] * 40
+                return await asyncio.gather(*(one(path) for path in paths))
+
+        refused = asyncio.run(flood())
+        assert {status for status, _, _ in refused} == {503}
+        assert {retry_after for _, retry_after, _ in refused} == {"1"}
+        assert max(seconds for _, _, seconds in refused) < 2.0  # refused at once, not queued
+        with httpx2.Client(base_url=base, timeout=5.0) as http:
+            assert http.get("/ready").status_code == 200  # probes are never refused
+            assert http.get("/health").status_code == 200
+            for sock in held:
+                status, answer = finish_upload(sock, body)
+                assert status == 200, answer  # every accepted request succeeds
+            assert http.get("/sample?n=4").status_code == 200
+    finally:
+        stop(process)
+
+
+def _grow_latent_in_card(raw: dict[str, Any]) -> None:
+    """A card consistent in itself, for a latent size the graphs do not have."""
+    d = raw["latent_dim"] + 1
+    raw["latent_dim"] = d
+    for tensor in [*raw["encoder"]["outputs"], *raw["decoder"]["inputs"]]:
+        tensor["shape"] = [None, d]
+
+
+def _corrupt_encoder(model_dir: Path, card: ModelCard) -> None:
+    path = model_dir / card.encoder.file
+    path.write_bytes(b"this is not an ONNX protobuf")
+    edit_card(model_dir, lambda raw: raw["encoder"].update(sha256=sha256_file(path)))
+
+
+def _append_to_decoder(model_dir: Path, card: ModelCard) -> None:
+    with (model_dir / card.decoder.file).open("ab") as handle:
+        handle.write(b"\0")
+
+
+@pytest.mark.slow
+def test_startup_faults_exit_non_zero_with_a_clear_message(
+    model_dir: Path, card: ModelCard, tmp_path: Path
+) -> None:
+    """Each fault, in its own process (all at once): a message naming it, a non-zero exit, never a port."""
+    faults: dict[str, tuple[dict[str, str], int, str]] = {}
+
+    def broken_copy(name: str, damage: Any) -> Path:
+        import shutil
+
+        copy = tmp_path / name
+        shutil.copytree(model_dir, copy)
+        damage(copy)
+        return copy
+
+    faults["model-dir-missing"] = (
+        {"VAE_MODEL_DIR": str(tmp_path / "gone")},
+        2,
+        f"invalid setting VAE_MODEL_DIR: Value error, model directory '{tmp_path / 'gone'}' does not exist",
+    )
+    faults["unknown-provider"] = (
+        {"VAE_PROVIDERS": "CPUExecutionProvider,NoSuchExecutionProvider"},
+        2,
+        "invalid setting VAE_PROVIDERS: Value error, unknown execution provider NoSuchExecutionProvider;",
+    )
+    corrupt = broken_copy("corrupt", lambda copy: _corrupt_encoder(copy, card))
+    faults["onnx-corrupt"] = (
+        {"VAE_MODEL_DIR": str(corrupt)},
+        3,
+        f"{corrupt / card.encoder.file}: ONNX Runtime cannot load it",
+    )
+    changed = broken_copy("changed", lambda copy: _append_to_decoder(copy, card))
+    faults["sha256-mismatch"] = (
+        {"VAE_MODEL_DIR": str(changed)},
+        3,
+        f"{changed / card.decoder.file}: sha256 is ",
+    )
+    grown = broken_copy("grown", lambda copy: edit_card(copy, _grow_latent_in_card))
+    d = card.latent_dim
+    faults["card-vs-onnx-shapes"] = (
+        {"VAE_MODEL_DIR": str(grown)},
+        3,
+        f"model.json encoder.outputs[0].shape is [None, {d + 1}] but the graph has [None, {d}]",
+    )
+
+    processes = {}
+    for name, (env, _, _) in faults.items():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        processes[name] = uvicorn(port, service_env(model_dir, **env))
+    for name, process in processes.items():
+        _, code, message = faults[name]
+        try:
+            process.wait(timeout=60)
+        finally:
+            output = stop(process)
+        assert process.returncode == code, f"{name}: exit {process.returncode}\n{output}"
+        assert message in output, f"{name}:\n{output}"
+        assert "Uvicorn running on" not in output, f"{name} listened:\n{output}"

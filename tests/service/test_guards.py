@@ -1,0 +1,265 @@
+"""The guards in front of every route: body size, work in flight, API keys and CORS (in process)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import httpx2
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.testclient import TestClient
+from pydantic import SecretStr
+from starlette.types import Message
+
+from service.api import guards
+from service.config import Settings
+from service.main import create_app
+from tests.service.helpers import detail, digit_png, files
+
+# Small limits, so that a small request crosses them.
+BODY_LIMIT = 4096
+KEYS = ["first-key-0123456789", "second-key-0123456789"]
+ORIGIN = "https://app.example"
+
+
+@pytest.fixture(scope="module")
+def guarded(settings: Settings) -> Iterator[TestClient]:
+    """An app with a small body limit, two API keys and one CORS origin."""
+    keys = [SecretStr(key) for key in KEYS]
+    update = {"max_body_bytes": BODY_LIMIT, "api_keys": keys, "cors_origins": [ORIGIN]}
+    with TestClient(create_app(settings.model_copy(update=update))) as client:
+        yield client
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+LATENTS = {"latents": [[0.0] * 16]}
+
+
+# Body size
+
+
+def test_declared_length_past_the_limit_is_413_before_the_app_runs(guarded: TestClient) -> None:
+    # A content type the route would refuse with 415: the 413 comes first, from the header alone.
+    response = guarded.post(
+        "/decode", content=b"x" * (BODY_LIMIT + 1), headers={"content-type": "text/plain", **bearer(KEYS[0])}
+    )
+    expected = f"the request body is {BODY_LIMIT + 1} bytes; this server takes at most {BODY_LIMIT}"
+    assert detail(response, 413) == f"{expected} (VAE_MAX_BODY_BYTES)"
+
+
+def test_streamed_body_past_the_limit_is_413(guarded: TestClient) -> None:
+    chunks = (b"\0" * 1024 for _ in range(16))  # no Content-Length: sent chunked
+    response = guarded.post(
+        "/encode",
+        content=chunks,
+        headers={"content-type": "multipart/form-data; boundary=x", **bearer(KEYS[0])},
+    )
+    assert detail(response, 413).startswith(f"the request body is more than {BODY_LIMIT} bytes;")
+
+
+def test_body_at_the_limit_is_read(guarded: TestClient) -> None:
+    body = b'{"latents": [[' + b",".join([b"0"] * 16) + b"]]}"
+    padded = body + b" " * (BODY_LIMIT - len(body))  # JSON allows trailing whitespace
+    response = guarded.post(
+        "/decode", content=padded, headers={"content-type": "application/json", **bearer(KEYS[0])}
+    )
+    assert response.status_code == 200, response.text
+
+
+def test_a_body_with_a_false_length_is_cut_off_unread() -> None:
+    """The length says 10 bytes, the stream goes on for ever: reading stops just past the limit."""
+    app = FastAPI()
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, int]:
+        return {"bytes": len(await request.body())}
+
+    app.add_middleware(guards.BodyLimit, max_bytes=BODY_LIMIT)
+    chunks_read = 0
+
+    async def endless() -> Message:
+        nonlocal chunks_read
+        chunks_read += 1
+        return {"type": "http.request", "body": b"\0" * 1000, "more_body": True}
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    scope: dict[str, Any] = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/echo",
+        "raw_path": b"/echo",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"content-length", b"10"), (b"content-type", b"application/octet-stream")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+    asyncio.run(app(scope, endless, send))
+    assert sent[0]["status"] == 413
+    assert b"more than 4096 bytes" in sent[1]["body"]
+    assert chunks_read == BODY_LIMIT // 1000 + 1
+
+
+# Work in flight
+
+
+def test_requests_past_the_in_flight_limit_get_503_at_once(settings: Settings) -> None:
+    """Two uploads hold both places; the next requests are refused without waiting, probes still answer,
+    and the two held requests then complete."""
+    app = create_app(settings.model_copy(update={"max_in_flight": 2}))
+
+    async def scenario() -> None:
+        release = asyncio.Event()
+
+        async def slow_body() -> Any:
+            yield b'{"latents": [['
+            await release.wait()
+            yield b",".join([b"0.5"] * 16) + b"]]}"
+
+        async with app.router.lifespan_context(app) as state:
+            transport = httpx2.ASGITransport(app=_with_state(app, state))
+            async with httpx2.AsyncClient(transport=transport, base_url="http://test") as client:
+                json_headers = {"content-type": "application/json"}
+                held = [
+                    asyncio.create_task(client.post("/decode", content=slow_body(), headers=json_headers))
+                    for _ in range(2)
+                ]
+                await asyncio.sleep(0.05)  # both are inside the app, waiting for the rest of their body
+                loop = asyncio.get_running_loop()
+                start = loop.time()
+                refused = await asyncio.gather(*(client.get("/sample?n=1") for _ in range(20)))
+                assert loop.time() - start < 1.0
+                for response in refused:
+                    assert response.status_code == 503
+                    assert response.headers["retry-after"] == "1"
+                    assert "its limit (VAE_MAX_IN_FLIGHT)" in response.json()["detail"]
+                assert (await client.get("/ready")).status_code == 200
+                assert (await client.get("/health")).status_code == 200
+                release.set()
+                for response in await asyncio.gather(*held):
+                    assert response.status_code == 200, response.text
+                assert (await client.get("/sample?n=1")).status_code == 200  # the places are free again
+
+    asyncio.run(scenario())
+
+
+def _with_state(app: FastAPI, state: Any) -> Any:
+    """The app as a server runs it: each request's scope carries a copy of the lifespan state."""
+
+    async def served(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await app({**scope, "state": dict(state)}, receive, send)
+
+    return served
+
+
+# API keys
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [bearer(KEYS[0]), {"authorization": f"bearer {KEYS[1]}"}, {"X-API-Key": KEYS[1]}],
+    ids=["bearer", "bearer-lower-case", "x-api-key"],
+)
+def test_a_valid_key_is_let_in(guarded: TestClient, headers: dict[str, str]) -> None:
+    assert guarded.get("/sample?n=1", headers=headers).status_code == 200
+    assert guarded.post("/encode", files=files(digit_png(0)), headers=headers).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "headers", [{}, {"Authorization": "Bearer "}, {"Authorization": f"Basic {KEYS[0]}"}], ids=str
+)
+def test_no_key_is_401(guarded: TestClient, headers: dict[str, str]) -> None:
+    response = guarded.get("/model", headers=headers)
+    assert detail(response, 401) == (
+        "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+    )
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [bearer("wrong"), bearer(KEYS[0] + "x"), bearer(KEYS[0][:-1]), {"X-API-Key": KEYS[0].upper()}],
+    ids=["other", "longer", "prefix", "case"],
+)
+def test_a_wrong_key_is_403(guarded: TestClient, headers: dict[str, str]) -> None:
+    response = guarded.post("/decode", json=LATENTS, headers=headers)
+    assert detail(response, 403) == "the API key is not valid"
+
+
+def test_probes_and_the_scrape_need_no_key(guarded: TestClient) -> None:
+    for path in ("/health", "/ready", "/v2/health/live", "/v2/health/ready", "/metrics"):
+        assert guarded.get(path).status_code == 200, path
+    assert guarded.get("/ready", headers=bearer("wrong")).status_code == 200
+    assert guarded.get("/v2/models/decoder").status_code == 401  # the rest of v2 is guarded
+
+
+def test_keys_stay_out_of_repr_and_logs(
+    guarded: TestClient, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with_keys = Settings(model_dir=settings.model_dir, api_keys=",".join(KEYS))
+    guarded.get("/sample?n=1", headers=bearer(KEYS[0]))
+    guarded.get("/sample?n=1", headers={"X-API-Key": KEYS[1]})
+    guarded.get("/sample?n=1", headers=bearer(KEYS[1] + "-wrong"))
+    captured = capsys.readouterr()
+    for key in KEYS:
+        assert key not in repr(with_keys) and key not in str(with_keys)
+        assert key not in captured.out and key not in captured.err
+
+
+def test_openapi_documents_the_keys(guarded: TestClient, client: TestClient) -> None:
+    schema = guarded.get("/openapi.json", headers=bearer(KEYS[0])).json()
+    assert set(schema["components"]["securitySchemes"]) == {"bearer", "apiKey"}
+    decode = schema["paths"]["/decode"]["post"]
+    assert {"401", "403", "413", "503"} <= set(decode["responses"])
+    assert decode["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert "security" not in schema["paths"]["/health"]["get"]
+    # Without keys, no security and no 401/403.
+    plain = client.get("/openapi.json").json()
+    assert "securitySchemes" not in plain["components"]
+    assert "401" not in plain["paths"]["/decode"]["post"]["responses"]
+    assert {"413", "503"} <= set(plain["paths"]["/decode"]["post"]["responses"])
+    assert "413" not in plain["paths"]["/sample"]["get"]["responses"]
+
+
+# CORS
+
+
+def test_no_cors_headers_by_default(client: TestClient) -> None:
+    response = client.get("/health", headers={"Origin": ORIGIN})
+    assert "access-control-allow-origin" not in response.headers
+    preflight = client.options("/decode", headers={"Origin": ORIGIN, "Access-Control-Request-Method": "POST"})
+    assert "access-control-allow-origin" not in preflight.headers
+
+
+def test_cors_origins_from_settings(guarded: TestClient) -> None:
+    # The browser's preflight carries no key; it is answered before the key check.
+    preflight = guarded.options(
+        "/decode",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == ORIGIN
+    response = guarded.post("/decode", json=LATENTS, headers={"Origin": ORIGIN, **bearer(KEYS[0])})
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
+    other = guarded.options(
+        "/decode", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    )
+    assert other.status_code == 400
+    assert "access-control-allow-origin" not in other.headers
