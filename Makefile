@@ -9,7 +9,7 @@ PORT ?= 8000
 # Where `make train` writes the exported default model.
 MODEL_DIR ?= models/default
 
-.PHONY: serve test lint train train-quality clean
+.PHONY: serve test lint train train-quality soak clean bench
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,7 +28,7 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 
 serve: $(VENV)/.serve-installed
 	VAE_MODEL_DIR=$${VAE_MODEL_DIR:-models/default} \
-	$(BIN)/python -m uvicorn --factory service.main:create_app --host $(HOST) --port $(PORT)
+	$(BIN)/python -m service --host $(HOST) --port $(PORT)
 
 lint: $(VENV)/.dev-installed
 	$(BIN)/ruff check .
@@ -42,9 +42,21 @@ train: $(VENV)/.dev-installed
 	$(BIN)/python -m training train --out runs/default
 	$(BIN)/python -m training export --checkpoint runs/default/best.pt --out $(MODEL_DIR)
 
+# The served model under a mix of every endpoint and bad requests, 64 connections, loopback only;
+# bounded by time and by a request budget. Not part of `make test`.
+SOAK_SECONDS ?= 600
+SOAK_REQUESTS ?= 2000000
+soak: $(VENV)/.dev-installed
+	$(BIN)/python bench/soak.py --seconds $(SOAK_SECONDS) --requests $(SOAK_REQUESTS)
+
 # The default recipe against the pytorch/examples VAE recipe, same data and epochs.
 train-quality: $(VENV)/.dev-installed
 	$(BIN)/python bench/train_quality.py
+
+# Requests per second and latency of the served model against its own /health and a naive peer, batching
+# on and off; writes bench/results/<date>.json and .md. Needs wrk (apt-get install wrk).
+bench: $(VENV)/.dev-installed
+	$(BIN)/python bench/run.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import onnxruntime as ort
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 __all__ = ["Settings", "get_settings"]
@@ -32,6 +32,14 @@ class Settings(BaseSettings):
     require_gpu: bool = False
     # Threads ONNX Runtime uses inside one operator; default: the CPUs this process may run on.
     intra_op_threads: int = Field(default_factory=_usable_cpus, ge=1)
+    # Coalesce the model runs of concurrent requests into one ONNX Runtime run, on a thread per graph
+    # (off: each request runs its own batch on the event loop).
+    batching: bool = True
+    # Most rows (images or latents) in one coalesced run; a request with more runs alone.
+    batch_max_size: int = Field(default=64, ge=1)
+    # How long the first request of a run may wait for others, in microseconds; 0 coalesces only the
+    # requests that queued while the previous run was busy.
+    batch_max_delay_us: int = Field(default=0, ge=0, le=1_000_000)
     # Most images one request may carry (/encode, /reconstruct, /kl).
     max_images: int = Field(default=64, ge=1)
     # Most latents one request may carry or ask for (/decode, /kl, /sample?n=).
@@ -42,6 +50,24 @@ class Settings(BaseSettings):
     max_steps: int = Field(default=64, ge=2)
     # Largest nearest-neighbour upscaling factor of PNG outputs (?scale=).
     max_scale: int = Field(default=32, ge=1)
+    # One JSON log line per request (method, path, status, duration, request id); false turns it off.
+    access_log: bool = True
+    # Largest request body in bytes, checked on Content-Length and counted while it streams in (413).
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    # Largest image, in pixels (width x height), that is decoded; bigger ones are refused from their
+    # header, before decompression (413). Pillow's own guard refuses past 179 million whatever this says.
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    # Requests handled at once (/health and /ready aside); beyond it a request gets 503 with Retry-After
+    # at once instead of waiting in a queue.
+    max_in_flight: int = Field(default=128, ge=1)
+    # API keys (comma-separated in the environment); when set, every request but /health and /ready needs
+    # one, as `Authorization: Bearer <key>` or `X-API-Key: <key>`. Empty: no authentication.
+    api_keys: Annotated[list[SecretStr], NoDecode] = []
+    # Origins that browsers may call the API from (comma-separated; `*` for any). Empty: no CORS headers.
+    cors_origins: Annotated[list[str], NoDecode] = []
+    # Seconds `python -m service` gives requests in flight to finish after SIGTERM before it cancels them;
+    # below the orchestrator's grace period (compose: 30 s), so that shutdown completes before SIGKILL.
+    drain_timeout: int = Field(default=20, ge=1)
 
     @field_validator("model_dir")
     @classmethod
@@ -50,11 +76,11 @@ class Settings(BaseSettings):
             raise ValueError(f"model directory {str(value)!r} does not exist (set VAE_MODEL_DIR)")
         return value
 
-    @field_validator("providers", mode="before")
+    @field_validator("providers", "api_keys", "cors_origins", mode="before")
     @classmethod
-    def _split_providers(cls, value: object) -> object:
+    def _split_commas(cls, value: object) -> object:
         if isinstance(value, str):
-            return [name.strip() for name in value.split(",") if name.strip()]
+            return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
     @field_validator("providers")

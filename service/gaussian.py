@@ -5,6 +5,7 @@ A posterior q(z|x) = N(mu, diag(exp(logvar))) is given by its mean and log-varia
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Literal
 
 import numpy as np
@@ -13,6 +14,7 @@ import numpy.typing as npt
 __all__ = [
     "Array",
     "InterpolationMethod",
+    "generator",
     "interpolate",
     "kl_between",
     "kl_to_prior",
@@ -96,3 +98,14 @@ def interpolate(start: npt.ArrayLike, end: npt.ArrayLike, steps: int, method: In
     """`steps` evenly spaced points from `start` to `end` inclusive, (steps, D)."""
     t = np.linspace(0.0, 1.0, steps)
     return slerp(start, end, t) if method == "slerp" else lerp(start, end, t)
+
+
+def generator(seed: int | None) -> np.random.Generator:
+    """A generator seeded with `seed`; without a seed, the process's own (seeding one per call from the
+    operating system's entropy costs more than the draws of a request)."""
+    return np.random.default_rng(seed) if seed is not None else _unseeded()
+
+
+@cache
+def _unseeded() -> np.random.Generator:
+    return np.random.default_rng()

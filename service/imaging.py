@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import math
+import struct
+import zlib
+from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -15,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.model_card import InputSpec
 
-__all__ = ["Floats", "ImageError", "grid_png", "load_image", "tile", "to_png"]
+__all__ = ["Floats", "ImageError", "ImageTooLarge", "grid_png", "load_image", "tile", "to_png", "to_pngs"]
 
 Floats = npt.NDArray[np.float32]
 
@@ -31,17 +34,33 @@ _HIGH_DEPTH = {
 # Between the tiles of a grid: one model pixel of mid grey, visible on dark and light backgrounds.
 _GUTTER = 1
 _GUTTER_VALUE = 0.5
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+# PNG colour type by channels: greyscale, truecolour.
+_PNG_COLOUR = {1: 0, 3: 2}
+# Scanline bytes up to this size are stored uncompressed: deflating them would take longer than sending the
+# bytes it saves (an 8x8 image is 72 bytes). Larger images (grids, scale > 1) are deflated at level 1.
+_PNG_STORE_LIMIT = 4096
+# zlib header: deflate, 32 KiB window, no dictionary, check bits (RFC 1950).
+_ZLIB_HEADER = b"\x78\x01"
 
 
 class ImageError(ValueError):
-    """Bytes that are not a readable image; the message completes "file N ..."."""
+    """Bytes that are not a readable image; the message completes "file N ..." (it never quotes the bytes)."""
 
 
-def load_image(data: bytes, spec: InputSpec, *, invert: bool = False) -> Floats:
+class ImageTooLarge(ImageError):
+    """An image with more pixels than the server decodes, found from its header before decompression."""
+
+
+def load_image(
+    data: bytes, spec: InputSpec, *, invert: bool = False, max_pixels: int | None = None
+) -> Floats:
     """Decode one image into the model's (C, H, W) in [0, 1] (the model maps [0, 1] to its pixel range).
 
-    `invert` flips the polarity for images drawn the other way round from the training data (dark strokes
-    on white paper for a model trained on light-on-dark digits).
+    Images of more than `max_pixels` (width x height) are refused from their header, before any pixel is
+    decompressed; so is anything Pillow's own decompression-bomb guard refuses. `invert` flips the polarity
+    for images drawn the other way round from the training data (dark strokes on white paper for a model
+    trained on light-on-dark digits).
     """
     if not data:
         raise ImageError("is empty (0 bytes)")
@@ -49,12 +68,29 @@ def load_image(data: bytes, spec: InputSpec, *, invert: bool = False) -> Floats:
     light_background = (spec.foreground == "dark") != invert
     try:
         with Image.open(io.BytesIO(data)) as opened:
-            image = ImageOps.exif_transpose(opened)
-            pixels = _as_floats(image, spec.channels, light_background)
+            width, height = opened.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise ImageTooLarge(
+                    f"is {width}x{height} pixels, more than the {max_pixels} this server decodes "
+                    "(VAE_MAX_IMAGE_PIXELS)"
+                )
+            ImageOps.exif_transpose(opened, in_place=True)  # the upload's own copy: no second one
+            pixels = _as_floats(opened, spec.channels, light_background)
+    except ImageError:
+        raise
     except UnidentifiedImageError as error:
         raise ImageError("is not an image format Pillow can read") from error
+    # Pillow's own guard, left at its default (it is global to the process), refuses first what is far
+    # larger: an error past twice Image.MAX_IMAGE_PIXELS, a warning past it (an error where warnings are).
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        if max_pixels is None:
+            raise ImageTooLarge(f"is too large to decode ({error})") from error
+        raise ImageTooLarge(
+            f"has more pixels than the {max_pixels} this server decodes (VAE_MAX_IMAGE_PIXELS)"
+        ) from error
     except Exception as error:  # Pillow's decoders raise many types on corrupt or truncated data
-        raise ImageError(f"cannot be decoded ({type(error).__name__}: {error})") from error
+        # Only the type: some of Pillow's messages quote bytes of the file.
+        raise ImageError(f"cannot be decoded ({type(error).__name__}: corrupt or truncated)") from error
     pixels = _resize(pixels, spec.height, spec.width)
     if invert:
         pixels = 1.0 - pixels
@@ -70,7 +106,8 @@ def _as_floats(image: Image.Image, channels: int, light_background: bool) -> Flo
     if has_alpha and image.mode not in ("LA", "RGBA"):
         image = image.convert("RGBA")  # palette transparency, "PA", "La", "RGBa" ...
     target = {(1, False): "L", (1, True): "LA", (3, False): "RGB", (3, True): "RGBA"}[(channels, has_alpha)]
-    array = np.asarray(image.convert(target), dtype=np.float32) / np.float32(255.0)
+    converted = image if image.mode == target else image.convert(target)
+    array = np.asarray(converted, dtype=np.float32) / np.float32(255.0)
     if array.ndim == 2:
         array = array[:, :, None]
     if not has_alpha:
@@ -81,28 +118,79 @@ def _as_floats(image: Image.Image, channels: int, light_background: bool) -> Flo
 
 
 def _resize(pixels: Floats, height: int, width: int) -> Floats:
-    """Resize each channel in float: box filter when shrinking (area average), bilinear otherwise."""
+    """Resize in float: box filter when shrinking (area average), bilinear otherwise.
+
+    Pillow's resampling (the weights of its BOX and BILINEAR filters), done as two small matrix products:
+    (H', H) @ (H, W) @ (W, W') per channel, with the matrices computed once per size.
+    """
     if pixels.shape[:2] == (height, width):
         return pixels
-    shrinking = pixels.shape[0] >= height and pixels.shape[1] >= width
-    method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-    planes = [
-        np.asarray(Image.fromarray(np.ascontiguousarray(pixels[:, :, c])).resize((width, height), method))
-        for c in range(pixels.shape[2])
-    ]
-    resized: Floats = np.clip(np.stack(planes, axis=2), 0.0, 1.0).astype(np.float32)
-    return resized
+    box = pixels.shape[0] >= height and pixels.shape[1] >= width
+    rows = _resampling(pixels.shape[0], height, box)
+    columns = _resampling(pixels.shape[1], width, box)
+    resized = rows @ pixels.transpose(2, 0, 1) @ columns.T  # (H', H) @ (C, H, W) @ (W, W') -> (C, H', W')
+    clipped: Floats = np.clip(resized, 0.0, 1.0).astype(np.float32).transpose(1, 2, 0)
+    return clipped
+
+
+@lru_cache(maxsize=64)
+def _resampling(size: int, new_size: int, box: bool) -> npt.NDArray[np.float64]:
+    """(new_size, size) weights of Pillow's BOX or BILINEAR filter along one axis.
+
+    As Pillow's `precompute_coeffs` (libImaging/Resample.c): each output pixel's centre in input
+    coordinates, the filter widened by the scale when shrinking, the taps it covers, normalised to sum 1.
+    """
+    scale = size / new_size
+    widen = max(scale, 1.0)
+    support = (0.5 if box else 1.0) * widen
+    weights = np.zeros((new_size, size))
+    for i in range(new_size):
+        centre = (i + 0.5) * scale
+        first = max(int(centre - support + 0.5), 0)
+        stop = min(int(centre + support + 0.5), size)
+        x = (np.arange(first, stop) - centre + 0.5) / widen
+        taps = ((x > -0.5) & (x <= 0.5)).astype(np.float64) if box else np.maximum(1.0 - np.abs(x), 0.0)
+        total = taps.sum()
+        weights[i, first:stop] = taps / total if total else taps
+    return weights
+
+
+def to_pngs(images: npt.NDArray[np.floating], scale: int = 1) -> list[bytes]:
+    """(N, C, H, W) in [0, 1] -> one PNG each (greyscale or RGB), each pixel a `scale` x `scale` block.
+
+    Written directly (signature, IHDR, one IDAT, IEND) rather than through Pillow, which costs more per
+    image than everything else a request of small images does. Small images are stored uncompressed.
+    """
+    levels = (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    if scale > 1:
+        levels = levels.repeat(scale, axis=2).repeat(scale, axis=3)
+    n, c, h, w = levels.shape
+    # Scanlines: the filter type byte (0, none), then the row's pixels with their channels interleaved.
+    scanlines = np.zeros((n, h, 1 + w * c), dtype=np.uint8)
+    scanlines[:, :, 1:] = levels.transpose(0, 2, 3, 1).reshape(n, h, w * c)
+    header = _PNG_SIGNATURE + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, _PNG_COLOUR[c], 0, 0, 0))
+    return [header + _png_chunk(b"IDAT", _zlib_stream(image.tobytes())) + _PNG_END for image in scanlines]
 
 
 def to_png(image: npt.NDArray[np.floating], scale: int = 1) -> bytes:
     """(C, H, W) in [0, 1] -> PNG bytes (greyscale or RGB), each pixel a `scale` x `scale` block."""
-    levels = (np.clip(image, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    if scale > 1:
-        levels = levels.repeat(scale, axis=1).repeat(scale, axis=2)
-    plane = levels[0] if levels.shape[0] == 1 else levels.transpose(1, 2, 0)
-    buffer = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(plane)).save(buffer, format="PNG")
-    return buffer.getvalue()
+    return to_pngs(image[None], scale)[0]
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    """Length, type, data, CRC-32 of type and data (PNG specification, 5.3)."""
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))
+
+
+_PNG_END = _png_chunk(b"IEND", b"")
+
+
+def _zlib_stream(data: bytes) -> bytes:
+    """`data` as a zlib stream: one stored deflate block when small (RFC 1950, 1951 3.2.4), else level 1."""
+    if len(data) > _PNG_STORE_LIMIT:
+        return zlib.compress(data, 1)
+    block = b"\x01" + struct.pack("<HH", len(data), len(data) ^ 0xFFFF)  # final block, stored; LEN, NLEN
+    return _ZLIB_HEADER + block + data + struct.pack(">I", zlib.adler32(data))
 
 
 def tile(images: npt.NDArray[np.floating]) -> Floats:
@@ -110,15 +198,12 @@ def tile(images: npt.NDArray[np.floating]) -> Floats:
     n, c, h, w = images.shape
     columns = math.ceil(math.sqrt(n))
     rows = math.ceil(n / columns)
-    canvas = np.full(
-        (c, rows * (h + _GUTTER) - _GUTTER, columns * (w + _GUTTER) - _GUTTER),
-        _GUTTER_VALUE,
-        dtype=np.float32,
-    )
-    for i in range(n):
-        top, left = (i // columns) * (h + _GUTTER), (i % columns) * (w + _GUTTER)
-        canvas[:, top : top + h, left : left + w] = images[i]
-    return canvas
+    # Each image in a cell with the gutter below and to its right; the last row and column of gutter go.
+    cells = np.full((rows * columns, c, h + _GUTTER, w + _GUTTER), _GUTTER_VALUE, dtype=np.float32)
+    cells[:n, :, :h, :w] = images
+    canvas = cells.reshape(rows, columns, c, h + _GUTTER, w + _GUTTER).transpose(2, 0, 3, 1, 4)
+    grid: Floats = canvas.reshape(c, rows * (h + _GUTTER), columns * (w + _GUTTER))
+    return np.ascontiguousarray(grid[:, :-_GUTTER, :-_GUTTER])
 
 
 def grid_png(images: npt.NDArray[np.floating], scale: int = 1) -> bytes:

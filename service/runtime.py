@@ -2,13 +2,21 @@
 
 `load_model(settings)` is called once, in the app's lifespan; everything that could be wrong with the model
 directory or the machine is found there, and reported as a `ModelError` naming the file and the field.
-Every inference goes through `Model.run`, the one place that calls ONNX Runtime (batching hooks in here).
+Every inference goes through `Model.run`, the one place that calls ONNX Runtime. Routes await
+`Model.encode_async` / `decode_async`: with batching on, a `Batcher` per graph coalesces the runs of
+concurrent requests into one ONNX Runtime run on a thread of its own, so the event loop never runs the model.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from dataclasses import dataclass
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Literal
 
@@ -19,7 +27,7 @@ import onnxruntime as ort
 from service.config import Settings
 from service.model_card import ModelCard, OnnxFile, TensorSpec, load_card, sha256_file
 
-__all__ = ["CUDA", "Floats", "Model", "ModelError", "load_model"]
+__all__ = ["CUDA", "Batcher", "Batching", "Floats", "Model", "ModelError", "RunObserver", "load_model"]
 
 # uvicorn's own logger, so that the provider line appears in `make serve` output next to its startup lines.
 log = logging.getLogger("uvicorn.error")
@@ -27,6 +35,8 @@ log = logging.getLogger("uvicorn.error")
 CUDA = "CUDAExecutionProvider"
 Floats = npt.NDArray[np.float32]
 Graph = Literal["encoder", "decoder"]
+# Told about every run: the graph, its batch size (rows) and the seconds ONNX Runtime took (for the metrics).
+RunObserver = Callable[[Graph, int, float], None]
 
 # The fixed ONNX interface (training/export.py writes it; the card repeats it): input and output names.
 _INTERFACE: dict[Graph, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -42,6 +52,154 @@ class ModelError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Batching:
+    """How the runs of concurrent requests are coalesced (VAE_BATCH_MAX_SIZE, VAE_BATCH_MAX_DELAY_US)."""
+
+    max_size: int  # most rows (images or latents) in one coalesced run; a larger request runs alone
+    max_delay: float  # seconds the first request of a run may wait for others to join it
+
+
+@dataclass
+class _Pending:
+    """One request's input waiting for a run, and the future (on the request's event loop) of its outputs."""
+
+    tensor: Floats
+    future: asyncio.Future[list[Floats]]
+    loop: asyncio.AbstractEventLoop
+    queued: float  # time.monotonic() when it was queued
+
+
+# One request's outcome: its rows of each output, or the exception of its run.
+_Outcome = tuple[_Pending, "list[Floats] | Exception"]
+# While requests come one at a time, all but one in this many run inline; that one goes through the thread,
+# where another request arriving before it is back shows that requests overlap again.
+_PROBE_EVERY = 32
+
+
+class Batcher:
+    """Coalesces the runs of one graph requested concurrently into one ONNX Runtime run, on its own thread.
+
+    The thread takes the oldest queued request, adds those queued behind it (waiting up to `max_delay` after
+    the oldest arrived) up to `max_size` rows, runs them as one batch and hands each request its own rows.
+    When a coalesced run fails, its requests run again one by one, so a failing input fails only its own
+    request. The thread starts with the first request and stops on `close()`.
+
+    When requests come one at a time (none of the last `_PROBE_EVERY` found another one waiting for a run),
+    there is nothing to coalesce and the event loop has nothing else to do: a request of at most `max_size`
+    rows then runs inline, on the loop, which spares it the two thread wake-ups of the round trip (more than
+    a small run takes). One in `_PROBE_EVERY` still goes through the thread; any request arriving while one
+    is there switches back to the thread. Counters are kept on the event loop's thread (one loop per model).
+    """
+
+    def __init__(self, run: Callable[[Floats], list[Floats]], batching: Batching, name: str) -> None:
+        self._run = run
+        self._batching = batching
+        self._name = name
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()  # None: stop
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self._in_flight = 0  # requests queued or running on the thread
+        self._alone = 0  # consecutive requests that found no other one in flight
+
+    async def __call__(self, tensor: Floats) -> list[Floats]:
+        """The outputs of `run(tensor)`, computed within a coalesced run (or inline, see the class)."""
+        if self._in_flight:
+            self._alone = 0
+        else:
+            self._alone += 1
+            sequential = self._alone > _PROBE_EVERY and self._alone % _PROBE_EVERY
+            if sequential and len(tensor) <= self._batching.max_size and not self._closed:
+                return self._run(tensor)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Floats]] = loop.create_future()
+        with self._lock:  # so that nothing is queued behind the stop signal
+            if self._closed:
+                raise RuntimeError(f"{self._name} is closed")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+                self._thread.start()
+            self._queue.put(_Pending(tensor, future, loop, time.monotonic()))
+            self._in_flight += 1
+        return await future
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Finish the runs already queued, then stop the thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _work(self) -> None:
+        carried: list[_Pending | None] = []  # what did not fit in the last batch: the next one's first
+        while True:
+            first = carried.pop() if carried else self._queue.get()
+            if first is None:
+                return
+            batch, rows = [first], len(first.tensor)
+            deadline = first.queued + self._batching.max_delay
+            while rows < self._batching.max_size:
+                wait = deadline - time.monotonic()
+                try:
+                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None or rows + len(item.tensor) > self._batching.max_size:
+                    carried.append(item)
+                    break
+                batch.append(item)
+                rows += len(item.tensor)
+            self._deliver(self._run_batch(batch))
+
+    def _run_batch(self, batch: list[_Pending]) -> list[_Outcome]:
+        if len(batch) == 1:
+            return [self._run_alone(batch[0])]
+        try:
+            outputs = self._run(np.concatenate([item.tensor for item in batch]))
+        except Exception:  # one input may be at fault: run each alone, so that only its own request fails
+            return [self._run_alone(item) for item in batch]
+        outcomes: list[_Outcome] = []
+        start = 0
+        for item in batch:
+            stop = start + len(item.tensor)
+            outcomes.append((item, [output[start:stop] for output in outputs]))
+            start = stop
+        return outcomes
+
+    def _run_alone(self, item: _Pending) -> _Outcome:
+        try:
+            return item, self._run(item.tensor)
+        except Exception as error:
+            return item, error
+
+    def _deliver(self, outcomes: list[_Outcome]) -> None:
+        """Hand the outcomes to the requests' event loops: one wake-up per loop and batch."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[_Outcome]] = {}
+        for outcome in outcomes:
+            by_loop.setdefault(outcome[0].loop, []).append(outcome)
+        for loop, some in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(self._resolve, some)
+            except RuntimeError:  # the loop is closed: nobody waits for these any more
+                pass
+
+    def _resolve(self, outcomes: list[_Outcome]) -> None:
+        """On the event loop: each request's outputs or exception."""
+        self._in_flight -= len(outcomes)
+        for item, result in outcomes:
+            if item.future.done():  # cancelled: the client went away
+                continue
+            if isinstance(result, Exception):
+                item.future.set_exception(result)
+            else:
+                item.future.set_result(result)
+
+
+@dataclass(frozen=True)
 class Model:
     """A loaded, checked and warmed-up VAE: encoder and decoder sessions plus their model card."""
 
@@ -50,6 +208,22 @@ class Model:
     decoder: ort.InferenceSession
     # Execution providers in use, in ONNX Runtime's order of preference; the first runs the graph.
     providers: tuple[str, ...]
+    # Called after every run (not the warm-up), with the batch size and duration of the run.
+    observer: RunObserver | None = None
+    # Coalesce the runs of concurrent requests on a thread per graph; None: each runs inline, on the caller.
+    batching: Batching | None = None
+    _batchers: dict[Graph, Batcher] = dataclass_field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        batchers: dict[Graph, Batcher] = {}
+        if self.batching is not None:
+            batchers = {
+                graph: Batcher(self._runner(graph), self.batching, f"{graph} batcher") for graph in _INTERFACE
+            }
+        object.__setattr__(self, "_batchers", batchers)  # a frozen dataclass sets its own fields this way
+
+    def _runner(self, graph: Graph) -> Callable[[Floats], list[Floats]]:
+        return lambda tensor: self.run(graph, tensor)  # `run` looked up at each call, as for inline runs
 
     @property
     def provider(self) -> str:
@@ -62,30 +236,56 @@ class Model:
         return self.card.latent_dim
 
     def run(self, graph: Graph, tensor: Floats) -> list[Floats]:
-        """One ONNX Runtime run of `graph` on its single input; its outputs in the interface's order.
-
-        Runs inline: a batch of this model takes microseconds, less than handing it to a thread.
-        """
+        """One ONNX Runtime run of `graph` on its single input; its outputs in the interface's order."""
         session = self.encoder if graph == "encoder" else self.decoder
         (name,), outputs = _INTERFACE[graph]
+        start = time.perf_counter()
         result: list[Floats] = session.run(list(outputs), {name: tensor})
+        if self.observer is not None:
+            self.observer(graph, len(tensor), time.perf_counter() - start)
         return result
 
+    async def infer(self, graph: Graph, tensor: Floats) -> list[Floats]:
+        """`run`, awaited: coalesced with concurrent requests' runs, or inline when batching is off."""
+        batcher = self._batchers.get(graph)
+        return self.run(graph, tensor) if batcher is None else await batcher(tensor)
+
     def encode(self, images: Floats) -> tuple[Floats, Floats]:
-        """(N, C, H, W) images in [0, 1] -> (mu, logvar), each (N, D)."""
-        low, high = self.card.input.pixel_range
-        x = images if (low, high) == (0.0, 1.0) else low + images * (high - low)
-        mu, logvar = self.run("encoder", np.ascontiguousarray(x, dtype=np.float32))
+        """(N, C, H, W) images in [0, 1] -> (mu, logvar), each (N, D); runs on the caller's thread."""
+        mu, logvar = self.run("encoder", self._encoder_input(images))
         return mu, logvar
 
     def decode(self, latents: npt.NDArray[np.floating]) -> Floats:
-        """(N, D) latents -> (N, C, H, W) Bernoulli means in [0, 1]."""
+        """(N, D) latents -> (N, C, H, W) Bernoulli means in [0, 1]; runs on the caller's thread."""
         (x_mean,) = self.run("decoder", np.ascontiguousarray(latents, dtype=np.float32))
         return x_mean
 
+    async def encode_async(self, images: Floats) -> tuple[Floats, Floats]:
+        """`encode` for request handlers: off the event loop and coalesced when batching is on."""
+        mu, logvar = await self.infer("encoder", self._encoder_input(images))
+        return mu, logvar
 
-def load_model(settings: Settings) -> Model:
-    """Read and check the model card, open both graphs, check them against it, and warm them up."""
+    async def decode_async(self, latents: npt.NDArray[np.floating]) -> Floats:
+        """`decode` for request handlers: off the event loop and coalesced when batching is on."""
+        (x_mean,) = await self.infer("decoder", np.ascontiguousarray(latents, dtype=np.float32))
+        return x_mean
+
+    def close(self) -> None:
+        """Stop the batching threads (after the runs already queued)."""
+        for batcher in self._batchers.values():
+            batcher.close()
+
+    def _encoder_input(self, images: Floats) -> Floats:
+        low, high = self.card.input.pixel_range
+        x = images if (low, high) == (0.0, 1.0) else low + images * (high - low)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def load_model(settings: Settings, observer: RunObserver | None = None) -> Model:
+    """Read and check the model card, open both graphs, check them against it, and warm them up.
+
+    `observer` is told about every run after the warm-up.
+    """
     model_dir = settings.model_dir
     if not model_dir.is_dir():
         raise ModelError(f"{model_dir}: model directory not found")
@@ -108,8 +308,12 @@ def load_model(settings: Settings) -> Model:
             f"CUDA is not active on this machine (requested {', '.join(settings.providers)}; "
             f"this onnxruntime build offers {', '.join(ort.get_available_providers())})"
         )
-    model = Model(card=card, encoder=encoder, decoder=decoder, providers=in_use)
+    batching = (
+        Batching(settings.batch_max_size, settings.batch_max_delay_us / 1e6) if settings.batching else None
+    )
+    model = Model(card=card, encoder=encoder, decoder=decoder, providers=in_use, batching=batching)
     _warm_up(model)
+    model = replace(model, observer=observer)
     fallback = f" ({CUDA} requested but not active)" if CUDA in providers and model.provider != CUDA else ""
     log.info(
         "model %r (%s, latent %d, input %s) running on %s%s",
@@ -144,6 +348,9 @@ def _session_options(settings: Settings) -> ort.SessionOptions:
     # The graphs are chains of layers: nothing to gain from running operators side by side.
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Idle intra-op threads sleep instead of spinning: spinning takes the CPU the event loop needs, and
+    # this model's runs are too short to gain from it.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 

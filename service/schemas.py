@@ -35,6 +35,8 @@ __all__ = [
     "ReadyResponse",
     "ReconstructResponse",
     "SampleResponse",
+    "ValidationErrorResponse",
+    "ValidationIssue",
     "Vector",
 ]
 
@@ -191,6 +193,9 @@ class ReconstructResponse(BaseModel):
     reconstruction: list[float] = Field(
         description="(N,) -log p(x | z = mu) in nats: Bernoulli negative log-likelihood summed over pixels."
     )
+    inputs: Images | None = Field(
+        default=None, description="The images as the model reads them (input size, [0, 1]); with inputs=true."
+    )
 
 
 class InterpolateResponse(BaseModel):
@@ -242,3 +247,17 @@ class ErrorResponse(BaseModel):
     """An error that is not a validation error: the reason, in words."""
 
     detail: str
+
+
+class ValidationIssue(BaseModel):
+    """One thing wrong with a request: where (`loc`: "query" or "body", then the field), what and its kind."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrorResponse(BaseModel):
+    """A request whose options or body are not valid: every problem found, shaped as FastAPI reports them."""
+
+    detail: list[ValidationIssue]

@@ -38,6 +38,8 @@ JSON = "application/json"
 MULTIPART = "multipart/form-data"
 # The multipart field that carries image files.
 FILES_FIELD = "files"
+# Longest file name quoted in an error detail; longer ones are cut (they come from the client).
+_NAME_CHARS = 64
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -90,12 +92,19 @@ async def read_body(request: Request) -> bytes | list[Upload]:
                 raise validation_error(
                     ("body", FILES_FIELD, i), f"{FILES_FIELD}[{i}] is a text field, not a file"
                 )
-            uploads.append(Upload(f"file {i} ({part.filename!r})", await part.read()))
+            uploads.append(Upload(f"file {i} ({_quoted(part.filename)})", await part.read()))
     if not uploads:
         raise validation_error(
             ("body", FILES_FIELD), f"no images: send one multipart part named '{FILES_FIELD}' per image"
         )
     return uploads
+
+
+def _quoted(filename: str | None) -> str:
+    """The client's file name for an error detail: repr'd (no control characters) and cut when long."""
+    if filename is not None and len(filename) > _NAME_CHARS:
+        return repr(filename[:_NAME_CHARS]) + "..."
+    return repr(filename)
 
 
 def parse_json(model: type[M], body: bytes) -> M:
@@ -109,10 +118,13 @@ def parse_json(model: type[M], body: bytes) -> M:
         ) from None
 
 
-def decode_images(body: bytes | list[Upload], spec: InputSpec, *, invert: bool, limit: int) -> imaging.Floats:
+def decode_images(
+    body: bytes | list[Upload], spec: InputSpec, *, invert: bool, limit: int, max_pixels: int
+) -> imaging.Floats:
     """(N, C, H, W) model tensors from JSON `{"images": [...]}` bytes or multipart uploads.
 
-    422 past `limit` images; 400 naming the first empty or unreadable one.
+    422 past `limit` images; 400 naming the first empty or unreadable one, 413 the first of more than
+    `max_pixels` pixels.
     """
     if isinstance(body, bytes):
         field = "images"
@@ -128,7 +140,11 @@ def decode_images(body: bytes | list[Upload], spec: InputSpec, *, invert: bool, 
     decoded = []
     for upload in uploads:
         try:
-            decoded.append(imaging.load_image(upload.data, spec, invert=invert))
+            decoded.append(imaging.load_image(upload.data, spec, invert=invert, max_pixels=max_pixels))
+        except imaging.ImageTooLarge as error:
+            raise HTTPException(
+                status.HTTP_413_CONTENT_TOO_LARGE, detail=f"{upload.label} {error}"
+            ) from error
         except imaging.ImageError as error:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"{upload.label} {error}") from error
     return np.stack(decoded)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,6 +49,15 @@ def model_copy(model_dir: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "model"
     shutil.copytree(model_dir, copy)
     return copy
+
+
+@pytest.fixture
+def free_port() -> int:
+    """A loopback port nothing listens on, for a real server process."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 @pytest.fixture(scope="session")

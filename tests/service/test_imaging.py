@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.imaging import ImageError, grid_png, load_image, tile, to_png
+from service.imaging import ImageError, grid_png, load_image, tile, to_png, to_pngs
 from service.model_card import InputSpec
 from tests.service.helpers import png, truncated_png
 
@@ -189,3 +189,50 @@ def test_grid_is_near_square_with_a_gutter() -> None:
     np.testing.assert_array_equal(canvas[0, 9:, :8], 0.75)  # fourth image, second row
     np.testing.assert_array_equal(canvas[0, :, 8], 0.5)  # gutter
     assert decoded(grid_png(images, scale=2)).shape == (34, 52)
+
+
+def verified(data: bytes) -> None:
+    """Pillow's PNG checks: chunk CRCs, the zlib stream and its Adler-32, the image data's length."""
+    with Image.open(io.BytesIO(data)) as image:
+        image.verify()
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+
+
+@pytest.mark.parametrize(
+    ("shape", "scale"),
+    [((1, 8, 8), 1), ((3, 8, 8), 1), ((1, 28, 28), 1), ((1, 8, 8), 16), ((3, 35, 35), 4)],
+    ids=["grey", "colour", "28x28", "grey-x16-deflated", "colour-x4-deflated"],
+)
+def test_written_pngs_are_valid_and_exact(shape: tuple[int, int, int], scale: int) -> None:
+    levels = np.random.default_rng(0).integers(0, 256, size=(3, *shape))
+    pngs = to_pngs(levels / 255.0, scale)
+    assert len(pngs) == 3
+    for png_bytes, expected in zip(pngs, levels, strict=True):
+        verified(png_bytes)
+        pixels = decoded(png_bytes)
+        big = expected.repeat(scale, axis=1).repeat(scale, axis=2)
+        np.testing.assert_array_equal(pixels, big[0] if shape[0] == 1 else big.transpose(1, 2, 0))
+
+
+def test_small_pngs_are_stored_and_large_ones_deflated() -> None:
+    flat = np.zeros((1, 1, 8, 8))
+    # 8 rows of a filter byte and 8 pixels, uncompressed, plus the fixed chunks: 140 bytes.
+    assert len(to_pngs(flat)[0]) == 8 + 25 + 12 + (2 + 5 + 72 + 4) + 12
+    assert len(to_pngs(flat, scale=16)[0]) < 200  # 128x128 of zeros: deflated
+
+
+@pytest.mark.parametrize(
+    ("size", "new_size"),
+    [((28, 28), (8, 8)), ((37, 19), (8, 8)), ((300, 200), (28, 28)), ((8, 8), (28, 28)), ((5, 30), (8, 8))],
+    ids=["28-to-8", "odd-shrink", "large-shrink", "enlarge", "mixed"],
+)
+def test_resizing_matches_pillows_float_resampling(size: tuple[int, int], new_size: tuple[int, int]) -> None:
+    pixels = np.random.default_rng(1).random((*size, 1), dtype=np.float32)
+    shrinking = size[0] >= new_size[0] and size[1] >= new_size[1]
+    method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
+    expected = np.asarray(Image.fromarray(pixels[:, :, 0]).resize(new_size[::-1], method))
+    data = encoded(Image.fromarray(pixels[:, :, 0] * 255.0), "TIFF")  # float images are read as 0..255
+    x = load_image(data, InputSpec(channels=1, height=new_size[0], width=new_size[1], foreground="light"))
+    # Pillow accumulates in double and rounds each pass to float32; one float32 step of values in [0, 1].
+    np.testing.assert_allclose(x[0], np.clip(expected, 0.0, 1.0), rtol=0, atol=1e-6)

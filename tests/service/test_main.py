@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -119,19 +118,10 @@ def test_every_request_body_has_working_examples(client: TestClient) -> None:
     assert bodies >= 5  # encode, decode, kl (3), reconstruct, interpolate
 
 
-@pytest.fixture
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 def uvicorn(port: int, env: dict[str, str]) -> subprocess.Popen[str]:
     """The service exactly as `make serve` starts it, on `port`."""
-    command = [sys.executable, "-m", "uvicorn", "--factory", "service.main:create_app"]
     return subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        [sys.executable, "-m", "service", "--host", "127.0.0.1", "--port", str(port)],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
@@ -152,22 +142,27 @@ def stop(process: subprocess.Popen[str]) -> str:
     return output
 
 
+def wait_ready(process: subprocess.Popen[str], http: httpx2.Client) -> None:
+    """Poll /ready until it answers 200; fail with the server's output if it exits or takes too long."""
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        assert process.poll() is None, f"uvicorn exited early:\n{stop(process)}"
+        assert time.monotonic() < deadline, f"not ready after {STARTUP_S} s:\n{stop(process)}"
+        try:
+            if http.get("/ready").status_code == 200:
+                return
+        except httpx2.TransportError:
+            pass
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_serves_over_http(model_dir: Path, free_port: int) -> None:
     process = uvicorn(free_port, service_env(model_dir))
     base = f"http://127.0.0.1:{free_port}"
     try:
         with httpx2.Client(base_url=base, timeout=5.0) as http:
-            deadline = time.monotonic() + STARTUP_S
-            while True:
-                assert process.poll() is None, f"uvicorn exited early:\n{stop(process)}"
-                assert time.monotonic() < deadline, f"not ready after {STARTUP_S} s:\n{stop(process)}"
-                try:
-                    if http.get("/ready").status_code == 200:
-                        break
-                except httpx2.TransportError:
-                    pass
-                time.sleep(0.1)
+            wait_ready(process, http)
             assert http.get("/ready").json()["provider"] == "CPUExecutionProvider"
             sample = SampleResponse.model_validate_json(http.get("/sample?n=3&seed=1").content)
             assert len(sample.images) == 3

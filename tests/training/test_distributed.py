@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,17 @@ def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     command += ["-m", "training", "train", "--out", str(out), *RECIPE, "--no-progress", *extra]
     # One thread per process: two processes share this machine's cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, timeout=180, env=env, check=False)
+    # Its own process group, so that a hung run is stopped with every worker torchrun started.
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=180)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 def _test_loss(checkpoint: Path) -> float:

@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from service.api.routes import decode, encode, health, interpolate, kl, reconstruct, sample
+from service.api.routes import (
+    decode,
+    encode,
+    health,
+    interpolate,
+    kl,
+    metrics,
+    playground,
+    reconstruct,
+    sample,
+    v2,
+)
 
 __all__ = ["ROUTERS"]
 
@@ -16,4 +27,7 @@ ROUTERS: tuple[APIRouter, ...] = (
     reconstruct.router,
     interpolate.router,
     health.router,
+    metrics.router,
+    v2.router,
+    playground.router,
 )

@@ -16,7 +16,8 @@ from service.api.bodies import (
     request_body,
     validation_error,
 )
-from service.api.deps import Format, Invert, Method, ModelDep, Scale, Steps
+from service.api.deps import served
+from service.api.options import InterpolateOptions, parameters
 from service.api.responses import IMAGE_OUTPUT, error_responses, images_response
 from service.schemas import InterpolateRequest, InterpolateResponse
 
@@ -29,19 +30,12 @@ router = APIRouter(tags=["interpolate"])
     "/interpolate",
     summary="Interpolate between latents or images",
     response_model=InterpolateResponse,
-    responses={**IMAGE_OUTPUT, **error_responses(400, 415)},
-    openapi_extra=request_body(InterpolateRequest, images=True),
+    responses={**IMAGE_OUTPUT, **error_responses(400, 415, 422)},
+    openapi_extra=request_body(InterpolateRequest, images=True) | parameters(InterpolateOptions),
 )
-async def interpolate(
-    request: Request,
-    model: ModelDep,
-    steps: Steps,
-    scale: Scale,
-    method: Method = "slerp",
-    image_format: Format = "png",
-    invert: Invert = False,
-) -> Response:
+async def interpolate(request: Request) -> Response:
     """Decode `steps` latents from start to end: JSON `latents` [start, end], or two multipart images."""
+    model, settings, options = served(request, InterpolateOptions)
     body = await read_body(request)
     ends: npt.NDArray[np.floating]
     if isinstance(body, list):
@@ -49,9 +43,12 @@ async def interpolate(
             raise validation_error(
                 ("body", FILES_FIELD), f"{len(body)} images sent; interpolation takes exactly 2"
             )
-        ends, _ = model.encode(decode_images(body, model.card.input, invert=invert, limit=2))
+        images = decode_images(
+            body, model.card.input, invert=options.invert, limit=2, max_pixels=settings.max_image_pixels
+        )
+        ends, _ = await model.encode_async(images)
     else:
         latents = parse_json(InterpolateRequest, body).latents
         ends = latent_matrix(latents, model.latent_dim, loc=("body", "latents"), noun="latent", limit=2)
-    path = gaussian.interpolate(ends[0], ends[1], steps, method).astype(np.float32)
-    return images_response(model.decode(path), image_format, scale, latents=path)
+    path = gaussian.interpolate(ends[0], ends[1], options.steps, options.method).astype(np.float32)
+    return images_response(await model.decode_async(path), options.format, options.scale, latents=path)

@@ -15,7 +15,8 @@ from service.api.bodies import (
     request_body,
     validation_error,
 )
-from service.api.deps import Invert, ModelDep, SettingsDep
+from service.api.deps import served
+from service.api.options import KLOptions, parameters
 from service.api.responses import NumpyJSONResponse, error_responses
 from service.schemas import KLRequest, KLResponse
 
@@ -33,16 +34,23 @@ def _rows(value: list[float] | list[list[float]]) -> list[list[float]]:
     "/kl",
     summary="KL divergence",
     response_model=KLResponse,
-    responses=error_responses(400, 415),
-    openapi_extra=request_body(KLRequest, images=True),
+    responses=error_responses(400, 415, 422),
+    openapi_extra=request_body(KLRequest, images=True) | parameters(KLOptions),
 )
-async def kl(request: Request, model: ModelDep, settings: SettingsDep, invert: Invert = False) -> Response:
+async def kl(request: Request) -> Response:
     """KL(q || N(0, I)) per posterior, or KL(q || target) with a target; multipart images: q(z|x) of each."""
+    model, settings, options = served(request, KLOptions)
     body = await read_body(request)
     per_dim: npt.NDArray[np.float64]
     if isinstance(body, list):
-        images = decode_images(body, model.card.input, invert=invert, limit=settings.max_images)
-        per_dim = gaussian.kl_to_prior(*model.encode(images))
+        images = decode_images(
+            body,
+            model.card.input,
+            invert=options.invert,
+            limit=settings.max_images,
+            max_pixels=settings.max_image_pixels,
+        )
+        per_dim = gaussian.kl_to_prior(*await model.encode_async(images))
     else:
         query = parse_json(KLRequest, body)
         d, limit = model.latent_dim, settings.max_latents

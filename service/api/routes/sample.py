@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
-from service.api.deps import Format, ModelDep, SampleCount, Scale, Seed, Temperature
-from service.api.responses import IMAGE_OUTPUT, images_response
+from service import gaussian
+from service.api.deps import served
+from service.api.options import SampleOptions, parameters
+from service.api.responses import IMAGE_OUTPUT, error_responses, images_response
 from service.schemas import SampleResponse
 
 __all__ = ["router"]
@@ -14,16 +16,17 @@ __all__ = ["router"]
 router = APIRouter(tags=["sample"])
 
 
-@router.get("/sample", summary="Sample from the prior", response_model=SampleResponse, responses=IMAGE_OUTPUT)
-async def sample(
-    model: ModelDep,
-    n: SampleCount,
-    scale: Scale,
-    seed: Seed = None,
-    temperature: Temperature = 1.0,
-    image_format: Format = "png",
-) -> Response:
-    """Draw `n` latents from the prior and decode them; the latents come back too (not with grid)."""
-    latents = temperature * np.random.default_rng(seed).standard_normal((n, model.latent_dim))
-    latents = latents.astype(np.float32)
-    return images_response(model.decode(latents), image_format, scale, latents=latents)
+@router.get(
+    "/sample",
+    summary="Sample from the prior",
+    response_model=SampleResponse,
+    responses={**IMAGE_OUTPUT, **error_responses(422)},
+    openapi_extra=parameters(SampleOptions),
+)
+async def sample(request: Request) -> Response:
+    """Draw `n` latents from the prior and decode them; the latents come back too (not with grid or npy)."""
+    model, _, options = served(request, SampleOptions)
+    draws = gaussian.generator(options.seed).standard_normal((options.n, model.latent_dim))
+    latents = (options.temperature * draws).astype(np.float32)
+    images = await model.decode_async(latents)
+    return images_response(images, options.format, options.scale, latents=latents)

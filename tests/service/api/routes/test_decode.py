@@ -132,7 +132,7 @@ def test_too_many_latents_is_422(limited: TestClient, card: ModelCard) -> None:
     [
         ("scale=0", (("query", "scale"), "Input should be greater than or equal to 1")),
         ("scale=3", (("query", "scale"), "scale is 3; this server allows at most 2 (VAE_MAX_SCALE)")),
-        ("format=jpeg", (("query", "format"), "Input should be 'png', 'array' or 'grid'")),
+        ("format=jpeg", (("query", "format"), "Input should be 'png', 'array', 'grid' or 'npy'")),
     ],
     ids=["zero-scale", "big-scale", "unknown-format"],
 )

@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from service.model_card import ModelCard
 from service.schemas import DecodeResponse, EncodeResponse, ReconstructResponse
-from tests.service.helpers import b64, body, decoded_png, detail, digit_png, digits, files
+from tests.service.helpers import b64, body, decoded_png, detail, digit_png, digits, files, messages, png
 
 
 def torch_bce(x: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -49,6 +49,34 @@ def test_png_and_grid(client: TestClient, card: ModelCard) -> None:
     grid = client.post("/reconstruct?format=grid", files=files(digit_png(0), digit_png(1)))
     assert grid.headers["content-type"] == "image/png"
     assert decoded_png(grid.content).shape[:2] == (h, 2 * w + 1)
+
+
+def test_inputs_are_the_images_as_the_model_reads_them(client: TestClient, card: ModelCard) -> None:
+    _, h, w = card.input_shape
+    # A 4x-enlarged digit: the model reads it shrunk back to its input size.
+    big = digits()[3].repeat(4, axis=0).repeat(4, axis=1)
+    upload = files(png((big / 16.0 * 255.0).round().astype(np.uint8)))
+    as_arrays = body(client.post("/reconstruct?format=array&inputs=true", files=upload), ReconstructResponse)
+    assert as_arrays.inputs is not None
+    # Box-filter shrinking of 4x4 blocks of one value gives that value back, up to float rounding.
+    expected = (digits()[3] / 16.0 * 255.0).round() / 255.0
+    np.testing.assert_allclose(np.asarray(as_arrays.inputs)[0, 0], expected, atol=1e-6)
+    as_pngs = body(client.post("/reconstruct?scale=2&inputs=true", files=upload), ReconstructResponse)
+    assert as_pngs.inputs is not None and isinstance(as_pngs.inputs[0], str)
+    assert decoded_png(as_pngs.inputs[0]).shape[:2] == (2 * h, 2 * w)
+    inverted = body(
+        client.post("/reconstruct?format=array&inputs=true&invert=true", files=upload), ReconstructResponse
+    )
+    np.testing.assert_allclose(np.asarray(inverted.inputs)[0, 0], 1.0 - expected, atol=1e-6)
+
+
+def test_inputs_only_when_asked(client: TestClient) -> None:
+    response = client.post("/reconstruct", files=files(digit_png(0)))
+    assert "inputs" not in response.json()
+    grid = client.post("/reconstruct?format=grid&inputs=true", files=files(digit_png(0)))
+    assert messages(grid) == [
+        (("query", "inputs"), "inputs=true comes back beside the images in JSON: use format=png or array")
+    ]
 
 
 def test_errors(client: TestClient) -> None:

@@ -68,7 +68,7 @@ def test_grid(client: TestClient, card: ModelCard) -> None:
             "n=1&seed=abc",
             (("query", "seed"), "Input should be a valid integer, unable to parse string as an integer"),
         ),
-        ("n=1&format=bmp", (("query", "format"), "Input should be 'png', 'array' or 'grid'")),
+        ("n=1&format=bmp", (("query", "format"), "Input should be 'png', 'array', 'grid' or 'npy'")),
     ],
     ids=[
         "zero",

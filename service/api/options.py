@@ -1,0 +1,192 @@
+"""Query-string options: one pydantic model per route, validated in one call, documented from the same model.
+
+FastAPI resolves each query parameter and each dependency on its own: with a handful of them a request
+spends more time there than in this model's inference. So each route takes its options as one model,
+validated by pydantic-core straight from the query string (`parse_query`). Bounds that come from the server's
+settings (VAE_MAX_*) are checked in the same pass, the settings being the validation context. Errors are 422s
+located in the query, shaped like FastAPI's own; unknown parameters are ignored and a repeated one counts
+once, with its last value, as FastAPI does. `parameters(model)` documents the options in OpenAPI.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, TypeVar
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
+from pydantic_core import PydanticCustomError
+
+from service.api.responses import ImageFormat
+from service.config import Settings
+from service.gaussian import InterpolationMethod
+
+__all__ = [
+    "DecodeOptions",
+    "EncodeOptions",
+    "InterpolateOptions",
+    "KLOptions",
+    "Options",
+    "ReconstructOptions",
+    "SampleOptions",
+    "parameters",
+    "parse_query",
+]
+
+
+def _at_most(setting: str) -> AfterValidator:
+    """The value may not exceed the server's `Settings.<setting>` (so it is not in the static schema).
+
+    Checked when the settings come as the validation context (`parse_query`); options built in code have none.
+    """
+
+    def check(value: int, info: ValidationInfo) -> int:
+        settings: Settings | None = (info.context or {}).get("settings")
+        if settings is None:
+            return value
+        limit: int = getattr(settings, setting)
+        if value > limit:
+            raise PydanticCustomError(
+                "value_error",
+                "{name} is {value}; this server allows at most {limit} ({variable})",
+                {
+                    "name": info.field_name,
+                    "value": value,
+                    "limit": limit,
+                    "variable": f"VAE_{setting.upper()}",
+                },
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+Count = Annotated[
+    int,
+    Field(ge=1, description="How many latents to draw and decode (at most VAE_MAX_LATENTS)."),
+    _at_most("max_latents"),
+]
+Draws = Annotated[
+    int,
+    Field(ge=0, description="z draws per image, returned as `z` (at most VAE_MAX_SAMPLES)."),
+    _at_most("max_samples"),
+]
+Steps = Annotated[
+    int,
+    Field(ge=2, description="Images on the path, both ends included (at most VAE_MAX_STEPS)."),
+    _at_most("max_steps"),
+]
+Scale = Annotated[
+    int,
+    Field(ge=1, description="Nearest-neighbour upscaling of PNG outputs (at most VAE_MAX_SCALE)."),
+    _at_most("max_scale"),
+]
+Seed = Annotated[
+    int | None,
+    Field(ge=0, description="Seeds the random draws: the same seed gives the same response, byte for byte."),
+]
+Temperature = Annotated[
+    float, Field(ge=0.0, le=10.0, allow_inf_nan=False, description="Standard deviation of the prior draws.")
+]
+Invert = Annotated[
+    bool,
+    Field(description="Flip the images' polarity first (dark strokes on white for a light-on-dark model)."),
+]
+Format = Annotated[
+    ImageFormat,
+    Field(
+        description="png: a base64 PNG per image; array: pixel values in [0, 1]; grid: one PNG of them all; "
+        "npy: the (N, C, H, W) float32 array as a NumPy .npy file (application/x-npy, for numpy.load)."
+    ),
+]
+Method = Annotated[
+    InterpolationMethod,
+    Field(description="slerp follows the sphere (suits Gaussian latents); lerp a straight line."),
+]
+
+
+class Options(BaseModel):
+    """A route's query-string options."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class SampleOptions(Options):
+    """GET /sample."""
+
+    n: Count = 16
+    seed: Seed = None
+    temperature: Temperature = 1.0
+    format: Format = "png"
+    scale: Scale = 1
+
+
+class DecodeOptions(Options):
+    """POST /decode."""
+
+    format: Format = "png"
+    scale: Scale = 1
+
+
+class EncodeOptions(Options):
+    """POST /encode."""
+
+    invert: Invert = False
+    samples: Draws = 0
+    seed: Seed = None
+
+
+class KLOptions(Options):
+    """POST /kl."""
+
+    invert: Invert = False
+
+
+class ReconstructOptions(Options):
+    """POST /reconstruct."""
+
+    invert: Invert = False
+    format: Format = "png"
+    scale: Scale = 1
+    inputs: bool = Field(
+        default=False,
+        description="Also return `inputs`: the images as the model sees them (read, converted, resized and, "
+        "with invert, flipped), in the same format as `images`.",
+    )
+
+
+class InterpolateOptions(Options):
+    """POST /interpolate."""
+
+    steps: Steps = 8
+    method: Method = "slerp"
+    format: Format = "png"
+    scale: Scale = 1
+    invert: Invert = False
+
+
+OptionsT = TypeVar("OptionsT", bound=Options)
+
+
+def parse_query(model: type[OptionsT], query: dict[str, str], settings: Settings) -> OptionsT:
+    """The options in `query` (name -> last value); a 422 naming each one that is wrong."""
+    try:
+        return model.model_validate(query, context={"settings": settings})
+    except ValidationError as error:
+        details = error.errors(include_url=False, include_input=False, include_context=False)
+        raise RequestValidationError(
+            [{**detail, "loc": ("query", *detail["loc"])} for detail in details]
+        ) from None
+
+
+def parameters(model: type[Options]) -> dict[str, Any]:
+    """`openapi_extra` documenting `model`'s fields as optional query parameters."""
+    schema = model.model_json_schema(mode="validation")
+    listed = []
+    for name, field in schema["properties"].items():
+        field = dict(field)
+        description = field.get("description")
+        listed.append(
+            {"name": name, "in": "query", "required": False, "schema": field}
+            | ({"description": description} if description else {})
+        )
+    return {"parameters": listed}

@@ -1,0 +1,87 @@
+"""Query-string options: validated in one step like FastAPI's parameters, and documented in OpenAPI."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.options import SampleOptions, parse_query
+from service.config import Settings
+from service.model_card import ModelCard
+from service.schemas import SampleResponse
+from tests.service.helpers import body, detail, messages
+
+
+def test_defaults_and_types(settings: Settings) -> None:
+    options = parse_query(SampleOptions, {"n": "3", "temperature": "0.5", "format": "npy"}, settings)
+    assert options == SampleOptions(n=3, seed=None, temperature=0.5, format="npy", scale=1)
+
+
+def test_unknown_parameters_are_ignored_and_a_repeated_one_takes_its_last_value(client: TestClient) -> None:
+    result = body(client.get("/sample?n=1&n=2&seed=0&colour=blue&format=array"), SampleResponse)
+    assert len(result.latents) == 2
+
+
+def test_every_bad_option_is_reported_at_once(limited: TestClient) -> None:
+    assert messages(limited.get("/sample?n=9&scale=0&temperature=x")) == [
+        (("query", "n"), "n is 9; this server allows at most 3 (VAE_MAX_LATENTS)"),
+        (("query", "temperature"), "Input should be a valid number, unable to parse string as a number"),
+        (("query", "scale"), "Input should be greater than or equal to 1"),
+    ]
+
+
+def test_options_are_checked_before_the_body_is_read(limited: TestClient) -> None:
+    response = limited.post(
+        "/encode?samples=9", content=b"not multipart", headers={"content-type": "text/plain"}
+    )
+    assert detail(response, 422) == [
+        {
+            "type": "value_error",
+            "loc": ["query", "samples"],
+            "msg": "samples is 9; this server allows at most 2 (VAE_MAX_SAMPLES)",
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "method", "names"),
+    [
+        ("/sample", "get", ["n", "seed", "temperature", "format", "scale"]),
+        ("/decode", "post", ["format", "scale"]),
+        ("/encode", "post", ["invert", "samples", "seed"]),
+        ("/kl", "post", ["invert"]),
+        ("/reconstruct", "post", ["invert", "format", "scale", "inputs"]),
+        ("/interpolate", "post", ["steps", "method", "format", "scale", "invert"]),
+    ],
+    ids=["sample", "decode", "encode", "kl", "reconstruct", "interpolate"],
+)
+def test_openapi_documents_the_options_and_the_422(
+    client: TestClient, path: str, method: str, names: list[str]
+) -> None:
+    spec = client.get("/openapi.json").json()
+    operation = spec["paths"][path][method]
+    documented = {parameter["name"]: parameter for parameter in operation["parameters"]}
+    assert list(documented) == names
+    assert all(parameter["in"] == "query" and not parameter["required"] for parameter in documented.values())
+    assert all(parameter["description"] for parameter in documented.values())
+    assert "422" in operation["responses"]
+    if "format" in documented:
+        assert documented["format"]["schema"]["enum"] == ["png", "array", "grid", "npy"]
+        assert set(operation["responses"]["200"]["content"]) == {
+            "application/json",
+            "image/png",
+            "application/x-npy",
+        }
+
+
+def test_npy_is_the_array_as_numpy_reads_it(client: TestClient, card: ModelCard) -> None:
+    array = body(client.get("/sample?n=5&seed=4&format=array"), SampleResponse)
+    response = client.get("/sample?n=5&seed=4&format=npy")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/x-npy"
+    images = np.load(io.BytesIO(response.content), allow_pickle=False)
+    assert images.dtype == np.float32 and images.shape == (5, *card.input_shape)
+    np.testing.assert_array_equal(images, np.asarray(array.images, dtype=np.float32))

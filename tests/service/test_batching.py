@@ -1,0 +1,323 @@
+"""Dynamic batching: coalesced runs equal single runs, nothing is mixed up or lost, failures stay local.
+
+The model runs go through `Batcher` threads; the tests drive them with many concurrent requests of
+different sizes, through `Model` directly and through the app, and with stand-in run functions for the
+failure and threading cases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.main import create_app
+from service.model_card import ModelCard
+from service.runtime import _PROBE_EVERY as PROBE_EVERY
+from service.runtime import Batcher, Batching, Floats, Model, load_model
+from service.schemas import EncodeResponse, SampleResponse
+from tests.service.helpers import body, digit_png, files
+
+# Batched and single runs may take different kernels for different batch sizes (a different order of the
+# float32 sums), so results may differ in the last bits: well below 1e-6 for values of order 1.
+ATOL = 1e-6
+# Long enough that requests started together always join one run, even on a loaded machine.
+GATHER_S = 0.2
+
+
+@pytest.fixture
+def batching(settings: Settings) -> Iterator[Model]:
+    """The default model with batching on; requests wait up to GATHER_S for each other."""
+    model = load_model(
+        settings.model_copy(
+            update={"batching": True, "batch_max_size": 64, "batch_max_delay_us": int(GATHER_S * 1e6)}
+        )
+    )
+    yield model
+    model.close()
+
+
+@pytest.fixture
+def single(settings: Settings) -> Model:
+    """The same model with batching off: every run inline, alone."""
+    return load_model(settings.model_copy(update={"batching": False}))
+
+
+def recorded(model: Model) -> tuple[Model, list[tuple[str, int, int]]]:
+    """`model` with an observer recording (graph, rows, thread id) of each run."""
+    runs: list[tuple[str, int, int]] = []
+
+    def observe(graph: str, rows: int, seconds: float) -> None:
+        runs.append((graph, rows, threading.get_ident()))
+
+    return replace(model, observer=observe), runs
+
+
+def images(card: ModelCard, rows: int, seed: int) -> Floats:
+    return np.random.default_rng(seed).uniform(size=(rows, *card.input_shape)).astype(np.float32)
+
+
+def latents(card: ModelCard, rows: int, seed: int) -> Floats:
+    return np.random.default_rng(seed).standard_normal((rows, card.latent_dim)).astype(np.float32)
+
+
+def test_settings_switch_batching(settings: Settings) -> None:
+    on = load_model(settings.model_copy(update={"batch_max_size": 8, "batch_max_delay_us": 250}))
+    assert on.batching == Batching(max_size=8, max_delay=250e-6)
+    assert load_model(settings.model_copy(update={"batching": False})).batching is None
+    on.close()
+
+
+def test_coalesced_runs_equal_single_runs(batching: Model, single: Model, card: ModelCard) -> None:
+    model, runs = recorded(batching)
+    sizes = [1, 3, 1, 7, 2, 5, 1, 4]
+    xs = [images(card, rows, seed) for seed, rows in enumerate(sizes)]
+    zs = [latents(card, rows, seed) for seed, rows in enumerate(sizes)]
+
+    async def all_at_once() -> tuple[list[tuple[Floats, Floats]], list[Floats]]:
+        encoded = asyncio.gather(*(model.encode_async(x) for x in xs))
+        decoded = asyncio.gather(*(model.decode_async(z) for z in zs))
+        return await encoded, await decoded
+
+    encoded, decoded = asyncio.run(all_at_once())
+    try:
+        # Each graph ran once, on every row of every request.
+        assert sorted((graph, rows) for graph, rows, _ in runs) == [("decoder", 24), ("encoder", 24)]
+        for x, z, (mu, logvar), x_mean in zip(xs, zs, encoded, decoded, strict=True):
+            expected_mu, expected_logvar = single.encode(x)
+            np.testing.assert_allclose(mu, expected_mu, rtol=0, atol=ATOL)
+            np.testing.assert_allclose(logvar, expected_logvar, rtol=0, atol=ATOL)
+            np.testing.assert_allclose(x_mean, single.decode(z), rtol=0, atol=ATOL)
+    finally:
+        model.close()
+
+
+def test_runs_happen_off_the_event_loop(batching: Model, card: ModelCard) -> None:
+    model, runs = recorded(batching)
+
+    async def one() -> int:
+        await model.decode_async(latents(card, 2, 0))
+        return threading.get_ident()
+
+    try:
+        loop_thread = asyncio.run(one())
+        assert [graph for graph, _, _ in runs] == ["decoder"]
+        assert runs[0][2] != loop_thread
+    finally:
+        model.close()
+
+
+def test_without_batching_runs_are_inline(single: Model, card: ModelCard) -> None:
+    model, runs = recorded(single)
+
+    async def one() -> int:
+        await model.decode_async(latents(card, 2, 0))
+        return threading.get_ident()
+
+    loop_thread = asyncio.run(one())
+    assert [(graph, thread) for graph, _, thread in runs] == [("decoder", loop_thread)]
+
+
+def test_many_concurrent_requests_are_neither_mixed_up_nor_lost(
+    batching: Model, single: Model, card: ModelCard
+) -> None:
+    model, runs = recorded(batching)
+    rng = np.random.default_rng(7)
+    sizes = rng.integers(1, 9, size=200).tolist()
+
+    async def run_all() -> list[Floats]:
+        async def one(seed: int, rows: int) -> Floats:
+            await asyncio.sleep(float(rng.uniform(0, 0.05)))  # arrivals spread over several runs
+            return await model.decode_async(latents(card, rows, seed))
+
+        return await asyncio.gather(*(one(seed, rows) for seed, rows in enumerate(sizes)))
+
+    try:
+        results = asyncio.run(run_all())
+        assert len(results) == len(sizes)
+        for seed, (rows, x_mean) in enumerate(zip(sizes, results, strict=True)):
+            assert x_mean.shape == (rows, *card.input_shape)
+            np.testing.assert_allclose(x_mean, single.decode(latents(card, rows, seed)), rtol=0, atol=ATOL)
+        assert sum(rows for _, rows, _ in runs) == sum(sizes)  # every row ran exactly once
+        assert len(runs) < len(sizes)  # and requests were coalesced
+        assert max(rows for _, rows, _ in runs) <= 64
+    finally:
+        model.close()
+
+
+def test_a_request_larger_than_the_batch_runs_alone(settings: Settings, card: ModelCard) -> None:
+    model, runs = recorded(
+        load_model(settings.model_copy(update={"batch_max_size": 4, "batch_max_delay_us": 100_000}))
+    )
+
+    async def both() -> list[Floats]:
+        return await asyncio.gather(
+            model.decode_async(latents(card, 3, 0)), model.decode_async(latents(card, 9, 1))
+        )
+
+    try:
+        small, large = asyncio.run(both())
+        assert (len(small), len(large)) == (3, 9)
+        assert sorted(rows for _, rows, _ in runs) == [3, 9]
+    finally:
+        model.close()
+
+
+def test_a_failing_input_fails_only_its_own_request(batching: Model, card: ModelCard) -> None:
+    model, runs = recorded(batching)
+    wrong = np.zeros((1, card.latent_dim + 1), dtype=np.float32)  # the graph refuses this shape
+
+    async def mixed() -> list[Floats | BaseException]:
+        return await asyncio.gather(
+            model.decode_async(latents(card, 2, 0)),
+            model.infer("decoder", wrong),
+            model.decode_async(latents(card, 3, 1)),
+            return_exceptions=True,
+        )
+
+    try:
+        first, failed, last = asyncio.run(mixed())
+        assert isinstance(first, np.ndarray) and first.shape == (2, *card.input_shape)
+        assert isinstance(last, np.ndarray) and last.shape == (3, *card.input_shape)
+        assert isinstance(failed, Exception) and not isinstance(failed, np.ndarray)
+    finally:
+        model.close()
+
+
+def stand_in(run: Callable[[Floats], list[Floats]], delay_s: float = GATHER_S) -> Batcher:
+    return Batcher(run, Batching(max_size=64, max_delay=delay_s), "test batcher")
+
+
+def doubled(tensor: Floats) -> list[Floats]:
+    if np.isnan(tensor).any():
+        raise ValueError("NaN in the batch")
+    return [tensor * 2]
+
+
+def test_a_run_that_fails_on_one_item_is_retried_item_by_item() -> None:
+    calls: list[int] = []
+
+    def counted(tensor: Floats) -> list[Floats]:
+        calls.append(len(tensor))
+        return doubled(tensor)
+
+    batcher = stand_in(counted)
+    inputs = [np.full((1, 2), 1.0), np.full((1, 2), np.nan), np.full((2, 2), 3.0)]
+
+    async def mixed() -> list[list[Floats] | BaseException]:
+        return await asyncio.gather(*(batcher(x.astype(np.float32)) for x in inputs), return_exceptions=True)
+
+    try:
+        ok, failed, also_ok = asyncio.run(mixed())
+    finally:
+        batcher.close()
+    assert calls == [4, 1, 1, 2]  # the coalesced run, then each request alone
+    assert isinstance(ok, list) and np.array_equal(ok[0], np.full((1, 2), 2.0))
+    assert isinstance(failed, ValueError) and str(failed) == "NaN in the batch"
+    assert isinstance(also_ok, list) and np.array_equal(also_ok[0], np.full((2, 2), 6.0))
+
+
+def test_the_event_loop_keeps_running_while_a_batch_runs() -> None:
+    def slow(tensor: Floats) -> list[Floats]:
+        time.sleep(0.3)
+        return [tensor]
+
+    batcher = stand_in(slow, delay_s=0.0)
+
+    async def ticks_during_a_run() -> int:
+        run = asyncio.ensure_future(batcher(np.zeros((1, 2), dtype=np.float32)))
+        ticks = 0
+        while not run.done():
+            await asyncio.sleep(0.01)
+            ticks += 1
+        await run
+        return ticks
+
+    try:
+        assert asyncio.run(ticks_during_a_run()) >= 10  # a blocked loop would count one
+    finally:
+        batcher.close()
+
+
+def test_close_finishes_queued_runs_then_refuses() -> None:
+    batcher = stand_in(doubled, delay_s=0.05)
+
+    async def queued_then_closed() -> list[Floats]:
+        pending = asyncio.ensure_future(batcher(np.ones((1, 2), dtype=np.float32)))
+        await asyncio.sleep(0)  # queued
+        await asyncio.get_running_loop().run_in_executor(None, batcher.close)
+        (result,) = await pending
+        with pytest.raises(RuntimeError, match="test batcher is closed"):
+            await batcher(np.ones((1, 2), dtype=np.float32))
+        return [result]
+
+    (result,) = asyncio.run(queued_then_closed())
+    assert np.array_equal(result, np.full((1, 2), 2.0))
+
+
+def app_answers(settings: Settings, requests: list[tuple[str, int]]) -> list[tuple[Floats, Floats]]:
+    """Each request's (latents, images) or (mu, logvar), sent 32 at a time to one app.
+
+    ("/sample", seed) samples 1 + seed % 7 images; ("/encode", seed) uploads 1 + seed % 4 digits from `seed`.
+    """
+
+    def send(client: TestClient, request: tuple[str, int]) -> tuple[Floats, Floats]:
+        path, seed = request
+        if path == "/sample":
+            sampled = body(client.get(f"/sample?n={1 + seed % 7}&seed={seed}&format=array"), SampleResponse)
+            return np.asarray(sampled.latents), np.asarray(sampled.images)
+        upload = files(*(digit_png(seed + i) for i in range(1 + seed % 4)))
+        encoded = body(client.post("/encode", files=upload), EncodeResponse)
+        return np.asarray(encoded.mu), np.asarray(encoded.logvar)
+
+    with TestClient(create_app(settings)) as client, ThreadPoolExecutor(max_workers=32) as pool:
+        return list(pool.map(lambda request: send(client, request), requests))
+
+
+def test_app_requests_of_different_sizes_and_seeds_get_their_own_answers(settings: Settings) -> None:
+    requests = [("/sample", seed) for seed in range(96)] + [("/encode", seed) for seed in range(32)]
+    coalescing = settings.model_copy(update={"batching": True, "batch_max_delay_us": 2000})
+    batched = app_answers(coalescing, requests)
+    single = app_answers(settings.model_copy(update={"batching": False}), requests)
+    for (got_first, got_second), (first, second) in zip(batched, single, strict=True):
+        assert got_first.shape == first.shape and got_second.shape == second.shape
+        np.testing.assert_allclose(got_first, first, rtol=0, atol=ATOL)
+        np.testing.assert_allclose(got_second, second, rtol=0, atol=ATOL)
+
+
+def test_requests_one_at_a_time_run_inline_with_a_probe_through_the_thread() -> None:
+    threads: list[int] = []
+
+    def noted(tensor: Floats) -> list[Floats]:
+        threads.append(threading.get_ident())
+        return [tensor]
+
+    batcher = stand_in(noted, delay_s=0.0)
+    every = PROBE_EVERY
+
+    async def one_at_a_time_then_together() -> tuple[int, list[int]]:
+        for _ in range(4 * every):
+            await batcher(np.zeros((1, 2), dtype=np.float32))
+        await asyncio.gather(*(batcher(np.zeros((1, 2), dtype=np.float32)) for _ in range(3 * every)))
+        return threading.get_ident(), threads[4 * every :]
+
+    try:
+        loop_thread, together = asyncio.run(one_at_a_time_then_together())
+    finally:
+        batcher.close()
+    sequential = threads[: 4 * every]
+    # The first `every` went through the thread; then one in `every` (a probe) did, the others ran inline.
+    probes = [i for i, thread in enumerate(sequential) if thread != loop_thread]
+    assert probes == [*range(every), 2 * every - 1, 3 * every - 1, 4 * every - 1]
+    # Together: at most the runs before the next probe stayed inline; once it is out, all go to the thread.
+    inline = [i for i, thread in enumerate(together) if thread == loop_thread]
+    assert inline == list(range(len(inline))) and len(inline) < every
+    assert len(together) < 3 * every  # the rest were coalesced
