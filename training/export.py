@@ -73,7 +73,13 @@ def export_module(
             external_data=False,
             verbose=False,
         )
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    graph = onnx.load(str(path))
+    # The exporter annotates each node with the Python stack that made it: paths of this machine, no use
+    # to the service, and they would make the bytes (and sha256) depend on where the export ran.
+    for node in [*graph.graph.node, *(n for function in graph.functions for n in function.node)]:
+        del node.metadata_props[:]
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save(graph, str(path))
 
 
 def _parity(module: nn.Module, path: Path, make_input: torch.Tensor, label: str) -> float:

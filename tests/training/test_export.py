@@ -53,6 +53,9 @@ def test_card_validates_against_committed_schema_and_hashes_match(tiny_model: Pa
     # The IWAE bound is tighter than the one-sample ELBO on average; allow the one-sample noise.
     assert card.metrics.iwae_nll < card.metrics.neg_elbo + 1.0
     assert set(PLOTS) <= {p.name for p in tiny_model.iterdir()}
+    # Nothing of the machine that exported it (the exporter's per-node stack traces) is in the files.
+    for name in ("encoder.onnx", "decoder.onnx"):
+        assert b"site-packages" not in (tiny_model / name).read_bytes(), name
 
 
 def test_export_refuses_a_model_that_fails_parity(
