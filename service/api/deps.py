@@ -16,14 +16,14 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
 
-from service.api.bodies import decode_images, read_body
+from service.api.bodies import Upload, decode_images, read_body
 from service.api.options import Options, parse_query
 from service.config import Settings
 from service.imaging import Floats
 from service.metrics import Metrics
 from service.runtime import Model
 
-__all__ = ["MetricsDep", "ModelDep", "SettingsDep", "read_images", "served"]
+__all__ = ["MetricsDep", "ModelDep", "SettingsDep", "body_images", "read_images", "served"]
 
 OptionsT = TypeVar("OptionsT", bound=Options)
 
@@ -69,13 +69,19 @@ def served(request: Request, options: type[OptionsT]) -> tuple[Model, Settings, 
     return model, settings, parse_query(options, dict(request.query_params), settings)
 
 
-async def read_images(request: Request, model: Model, settings: Settings, *, invert: bool) -> Floats:
-    """The request's images (multipart `files` or JSON base64 `images`) as (N, C, H, W) in [0, 1]."""
-    body = await read_body(request)
+def body_images(
+    body: bytes | list[Upload], model: Model, settings: Settings, *, invert: bool, limit: int | None = None
+) -> Floats:
+    """A read body's images as (N, C, H, W) in [0, 1], at most `limit` (default VAE_MAX_IMAGES) of them."""
     return decode_images(
         body,
         model.card.input,
         invert=invert,
-        limit=settings.max_images,
+        limit=settings.max_images if limit is None else limit,
         max_pixels=settings.max_image_pixels,
     )
+
+
+async def read_images(request: Request, model: Model, settings: Settings, *, invert: bool) -> Floats:
+    """The request's images (multipart `files` or JSON base64 `images`) as (N, C, H, W) in [0, 1]."""
+    return body_images(await read_body(request), model, settings, invert=invert)

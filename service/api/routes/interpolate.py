@@ -9,14 +9,13 @@ from fastapi import APIRouter, Request, Response
 from service import gaussian
 from service.api.bodies import (
     FILES_FIELD,
-    decode_images,
     latent_matrix,
     parse_json,
     read_body,
     request_body,
     validation_error,
 )
-from service.api.deps import served
+from service.api.deps import body_images, served
 from service.api.options import InterpolateOptions, parameters
 from service.api.responses import IMAGE_OUTPUT, error_responses, images_response
 from service.schemas import InterpolateRequest, InterpolateResponse
@@ -43,9 +42,7 @@ async def interpolate(request: Request) -> Response:
             raise validation_error(
                 ("body", FILES_FIELD), f"{len(body)} images sent; interpolation takes exactly 2"
             )
-        images = decode_images(
-            body, model.card.input, invert=options.invert, limit=2, max_pixels=settings.max_image_pixels
-        )
+        images = body_images(body, model, settings, invert=options.invert, limit=2)
         ends, _ = await model.encode_async(images)
     else:
         latents = parse_json(InterpolateRequest, body).latents

@@ -8,14 +8,13 @@ from fastapi import APIRouter, Request, Response
 
 from service import gaussian
 from service.api.bodies import (
-    decode_images,
     latent_matrix,
     parse_json,
     read_body,
     request_body,
     validation_error,
 )
-from service.api.deps import served
+from service.api.deps import body_images, served
 from service.api.options import KLOptions, parameters
 from service.api.responses import NumpyJSONResponse, error_responses
 from service.schemas import KLRequest, KLResponse
@@ -43,13 +42,7 @@ async def kl(request: Request) -> Response:
     body = await read_body(request)
     per_dim: npt.NDArray[np.float64]
     if isinstance(body, list):
-        images = decode_images(
-            body,
-            model.card.input,
-            invert=options.invert,
-            limit=settings.max_images,
-            max_pixels=settings.max_image_pixels,
-        )
+        images = body_images(body, model, settings, invert=options.invert)
         per_dim = gaussian.kl_to_prior(*await model.encode_async(images))
     else:
         query = parse_json(KLRequest, body)
