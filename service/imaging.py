@@ -10,6 +10,7 @@ import io
 import math
 import struct
 import zlib
+from collections.abc import Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -18,7 +19,18 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.model_card import InputSpec
 
-__all__ = ["Floats", "ImageError", "ImageTooLarge", "grid_png", "load_image", "tile", "to_png", "to_pngs"]
+__all__ = [
+    "Floats",
+    "ImageError",
+    "ImageTooLarge",
+    "grid_png",
+    "load_image",
+    "read_pixels",
+    "tile",
+    "to_model",
+    "to_png",
+    "to_pngs",
+]
 
 Floats = npt.NDArray[np.float32]
 
@@ -57,10 +69,22 @@ def load_image(
 ) -> Floats:
     """Decode one image into the model's (C, H, W) in [0, 1] (the model maps [0, 1] to its pixel range).
 
+    `read_pixels` then `to_model`, for one image: see them for the size limits and `invert`.
+    """
+    pixels = read_pixels(data, spec, invert=invert, max_pixels=max_pixels)
+    image: Floats = to_model([pixels], spec, invert=invert)[0]
+    return image
+
+
+def read_pixels(
+    data: bytes, spec: InputSpec, *, invert: bool = False, max_pixels: int | None = None
+) -> Floats:
+    """Decode one image to (H, W, C) in [0, 1] at its own size, with the model's channels.
+
     Images of more than `max_pixels` (width x height) are refused from their header, before any pixel is
-    decompressed; so is anything Pillow's own decompression-bomb guard refuses. `invert` flips the polarity
-    for images drawn the other way round from the training data (dark strokes on white paper for a model
-    trained on light-on-dark digits).
+    decompressed; so is anything Pillow's own decompression-bomb guard refuses. Transparent pixels take the
+    background colour of images drawn the model's way, or the other way round with `invert` (dark strokes on
+    white paper for a model trained on light-on-dark digits).
     """
     if not data:
         raise ImageError("is empty (0 bytes)")
@@ -75,7 +99,7 @@ def load_image(
                     "(VAE_MAX_IMAGE_PIXELS)"
                 )
             ImageOps.exif_transpose(opened, in_place=True)  # the upload's own copy: no second one
-            pixels = _as_floats(opened, spec.channels, light_background)
+            return _as_floats(opened, spec.channels, light_background)
     except ImageError:
         raise
     except UnidentifiedImageError as error:
@@ -91,10 +115,23 @@ def load_image(
     except Exception as error:  # Pillow's decoders raise many types on corrupt or truncated data
         # Only the type: some of Pillow's messages quote bytes of the file.
         raise ImageError(f"cannot be decoded ({type(error).__name__}: corrupt or truncated)") from error
-    pixels = _resize(pixels, spec.height, spec.width)
+
+
+def to_model(images: Sequence[Floats], spec: InputSpec, *, invert: bool = False) -> Floats:
+    """`read_pixels` results -> the model's (N, C, H, W): resized to its size, flipped with `invert`.
+
+    Images of the same size are resized together, in one matrix product (a request's images usually are).
+    """
+    batch = np.empty((len(images), spec.channels, spec.height, spec.width), dtype=np.float32)
+    by_size: dict[tuple[int, int], list[int]] = {}
+    for i, pixels in enumerate(images):
+        by_size.setdefault(pixels.shape[:2], []).append(i)
+    for indices in by_size.values():
+        stacked = np.stack([images[i] for i in indices]).transpose(0, 3, 1, 2)  # (k, H, W, C) -> (k, C, H, W)
+        batch[indices] = _resize(stacked, spec.height, spec.width)
     if invert:
-        pixels = 1.0 - pixels
-    return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        np.subtract(1.0, batch, out=batch)
+    return batch
 
 
 def _as_floats(image: Image.Image, channels: int, light_background: bool) -> Floats:
@@ -118,19 +155,18 @@ def _as_floats(image: Image.Image, channels: int, light_background: bool) -> Flo
 
 
 def _resize(pixels: Floats, height: int, width: int) -> Floats:
-    """Resize in float: box filter when shrinking (area average), bilinear otherwise.
+    """(N, C, H, W) -> (N, C, height, width): box filter when shrinking (area average), else bilinear.
 
     Pillow's resampling (the weights of its BOX and BILINEAR filters), done as two small matrix products:
-    (H', H) @ (H, W) @ (W, W') per channel, with the matrices computed once per size.
+    (H', H) @ (N, C, H, W) @ (W, W'), with the matrices computed once per size.
     """
-    if pixels.shape[:2] == (height, width):
+    if pixels.shape[2:] == (height, width):
         return pixels
-    box = pixels.shape[0] >= height and pixels.shape[1] >= width
-    rows = _resampling(pixels.shape[0], height, box)
-    columns = _resampling(pixels.shape[1], width, box)
-    resized = rows @ pixels.transpose(2, 0, 1) @ columns.T  # (H', H) @ (C, H, W) @ (W, W') -> (C, H', W')
-    clipped: Floats = np.clip(resized, 0.0, 1.0).astype(np.float32).transpose(1, 2, 0)
-    return clipped
+    box = pixels.shape[2] >= height and pixels.shape[3] >= width
+    rows = _resampling(pixels.shape[2], height, box)
+    columns = _resampling(pixels.shape[3], width, box)
+    resized: Floats = np.clip(rows @ pixels @ columns.T, 0.0, 1.0).astype(np.float32)
+    return resized
 
 
 @lru_cache(maxsize=64)

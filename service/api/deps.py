@@ -13,6 +13,7 @@ pool, a thread round trip per dependency per request that costs more than this m
 from __future__ import annotations
 
 from typing import Annotated, Any, TypeVar
+from urllib.parse import parse_qsl
 
 from fastapi import Depends, HTTPException, Request, status
 
@@ -29,8 +30,11 @@ OptionsT = TypeVar("OptionsT", bound=Options)
 
 
 def _from_lifespan(request: Request, name: str) -> Any:
-    """What the lifespan put in the request state; 503 until it has run."""
-    value = getattr(request.state, name, None)
+    """What the lifespan put in the request state; 503 until it has run.
+
+    Read from the scope's state dict itself: `request.state` wraps it in a new object on every request.
+    """
+    value = request.scope.get("state", {}).get(name)
     if value is None:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail="the model is not loaded yet")
     return value
@@ -66,7 +70,9 @@ def served(request: Request, options: type[OptionsT]) -> tuple[Model, Settings, 
     """
     model: Model = _from_lifespan(request, "model")
     settings: Settings = _from_lifespan(request, "settings")
-    return model, settings, parse_query(options, dict(request.query_params), settings)
+    # The query as Starlette reads it (last value of a repeated name wins), without its multi-dict.
+    query = dict(parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True))
+    return model, settings, parse_query(options, query, settings)
 
 
 def body_images(
@@ -84,4 +90,6 @@ def body_images(
 
 async def read_images(request: Request, model: Model, settings: Settings, *, invert: bool) -> Floats:
     """The request's images (multipart `files` or JSON base64 `images`) as (N, C, H, W) in [0, 1]."""
-    return body_images(await read_body(request), model, settings, invert=invert)
+    return body_images(
+        await read_body(request, max_files=settings.max_images), model, settings, invert=invert
+    )

@@ -148,7 +148,7 @@ CASES = [
         "POST",
         "/encode",
         422,
-        "3 images sent; this server takes at most 2 per request",
+        "more than 2 images sent; this server takes at most 2 per request",
         loc=("body", "files"),
         request={"files": [("files", (f"{i}.png", digit_png(i), "image/png")) for i in range(3)]},
     ),
@@ -311,7 +311,7 @@ CASES = [
         "POST",
         "/encode",
         400,
-        "Missing boundary in multipart.",
+        "the content type has no boundary: send multipart/form-data; boundary=<the parts' separator>",
         request={"content": b"--x\r\n", "headers": {"content-type": "multipart/form-data"}},
     ),
     Case(
@@ -319,7 +319,7 @@ CASES = [
         "POST",
         "/encode",
         400,
-        "Invalid multipart data.",
+        "the body is not valid multipart/form-data: Expected boundary character",
         request={"content": MARKER.encode(), "headers": {"content-type": "multipart/form-data; boundary=x"}},
     ),
     Case(
@@ -332,12 +332,12 @@ CASES = [
         {"data": {"files": MARKER}, "files": [("other", ("a.png", b"x", "image/png"))]},
     ),
     Case(
-        "no-files-part",
+        "part-of-another-name",
         "POST",
         "/reconstruct",
         422,
-        "no images: send one multipart part named 'files' per image",
-        ("body", "files"),
+        "part 0 is named 'image'; this endpoint reads image files in parts named 'files'",
+        ("body", "image"),
         {"files": [("image", ("a.png", digit_png(0), "image/png"))]},
     ),
     # JSON that does not parse, or not as the schema says.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.imaging import ImageError, grid_png, load_image, tile, to_png, to_pngs
+from service.imaging import ImageError, grid_png, load_image, read_pixels, tile, to_model, to_png, to_pngs
 from service.model_card import InputSpec
 from tests.service.helpers import png, truncated_png
 
@@ -116,6 +116,19 @@ def test_shrinking_averages_each_block() -> None:
     blocks = big.reshape(8, 4, 8, 4).mean(axis=(1, 3)) / 255.0
     # A 4x4 box filter is the block mean; Pillow computes it in float32.
     np.testing.assert_allclose(x[0], blocks, atol=1e-5)
+
+
+@pytest.mark.parametrize("invert", [False, True], ids=["as-is", "inverted"])
+def test_a_batch_of_mixed_sizes_equals_each_image_alone(invert: bool) -> None:
+    """Images of one size are resized together: each must come out as it does alone, in its place."""
+    rng = np.random.default_rng(1)
+    sizes = [(28, 28), (16, 16), (28, 28), (8, 8), (3, 5), (16, 16)]
+    uploads = [png(rng.integers(0, 256, size=size, dtype=np.uint8)) for size in sizes]
+    batch = to_model([read_pixels(data, GREY, invert=invert) for data in uploads], GREY, invert=invert)
+    alone = np.stack([load_image(data, GREY, invert=invert) for data in uploads])
+    assert batch.shape == (len(sizes), 1, 8, 8)
+    assert batch.dtype == np.float32
+    np.testing.assert_array_equal(batch, alone)
 
 
 def test_enlarging_keeps_a_flat_image_flat() -> None:

@@ -35,7 +35,7 @@ router = APIRouter(tags=["interpolate"])
 async def interpolate(request: Request) -> Response:
     """Decode `steps` latents from start to end: JSON `latents` [start, end], or two multipart images."""
     model, settings, options = served(request, InterpolateOptions)
-    body = await read_body(request)
+    body = await read_body(request, max_files=settings.max_images)
     ends: npt.NDArray[np.floating]
     if isinstance(body, list):
         if len(body) != 2:

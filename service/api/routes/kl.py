@@ -39,7 +39,7 @@ def _rows(value: list[float] | list[list[float]]) -> list[list[float]]:
 async def kl(request: Request) -> Response:
     """KL(q || N(0, I)) per posterior, or KL(q || target) with a target; multipart images: q(z|x) of each."""
     model, settings, options = served(request, KLOptions)
-    body = await read_body(request)
+    body = await read_body(request, max_files=settings.max_images)
     per_dim: npt.NDArray[np.float64]
     if isinstance(body, list):
         images = body_images(body, model, settings, invert=options.invert)

@@ -138,13 +138,32 @@ def test_malformed_json_is_422(client: TestClient) -> None:
     assert message.startswith("Invalid JSON")
 
 
-def test_multipart_without_files_is_422(client: TestClient) -> None:
+def test_multipart_without_parts_is_422(client: TestClient) -> None:
     response = client.post(
-        "/encode", data={"other": "x"}, files={"unrelated": ("a.png", digit_png(0), "image/png")}
+        "/encode", content=b"--b--\r\n", headers={"content-type": "multipart/form-data; boundary=b"}
     )
     assert messages(response) == [
         (("body", "files"), "no images: send one multipart part named 'files' per image")
     ]
+
+
+def test_multipart_part_of_another_name_is_422(client: TestClient) -> None:
+    """An option sent as a form field would otherwise be ignored without a word."""
+    response = client.post("/encode", data={"invert": "true"}, files=files(digit_png(0)))
+    expected = (
+        "part 0 is named 'invert'; this endpoint reads image files in parts named 'files' "
+        "(options go in the query string)"
+    )
+    assert messages(response) == [(("body", "invert"), expected)]
+
+
+def test_truncated_multipart_is_400(client: TestClient) -> None:
+    """A body cut off inside a part loses that part: refused rather than answered without it."""
+    part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="0.png"\r\n\r\n' + digit_png(0)
+    response = client.post(
+        "/encode", content=part, headers={"content-type": "multipart/form-data; boundary=b"}
+    )
+    assert detail(response, 400) == "the multipart/form-data body ends before its closing boundary"
 
 
 def test_multipart_text_in_files_is_422(client: TestClient) -> None:
@@ -155,10 +174,12 @@ def test_multipart_text_in_files_is_422(client: TestClient) -> None:
 def test_too_many_images_is_422(limited: TestClient) -> None:
     limit = LIMITS["max_images"]
     images = [digit_png(i) for i in range(limit + 1)]
-    expected = f"{limit + 1} images sent; this server takes at most {limit} per request"
-    assert messages(limited.post("/encode", files=files(*images))) == [(("body", "files"), expected)]
+    # A multipart body is refused at its first image past the limit, before the rest is read.
+    assert messages(limited.post("/encode", files=files(*images))) == [
+        (("body", "files"), f"more than {limit} images sent; this server takes at most {limit} per request")
+    ]
     assert messages(limited.post("/encode", json={"images": [b64(i) for i in images]})) == [
-        (("body", "images"), expected)
+        (("body", "images"), f"{limit + 1} images sent; this server takes at most {limit} per request")
     ]
 
 
