@@ -177,7 +177,7 @@ class _Files:
         if name != FILES_FIELD.encode():
             field = name.decode("utf-8", "replace")
             raise validation_error(
-                ("body", field),
+                ("body", field[:_NAME_CHARS]),
                 f"part {part} is named {_quoted(field)}; this endpoint reads image files in parts named "
                 f"'{FILES_FIELD}' (options go in the query string)",
             )
@@ -290,6 +290,7 @@ def request_body(model: type[BaseModel] | None, *, images: bool) -> dict[str, An
             "schema": {
                 "type": "object",
                 "required": [FILES_FIELD],
+                "additionalProperties": False,
                 "properties": {
                     FILES_FIELD: {
                         "type": "array",
