@@ -165,13 +165,14 @@ def _resize(pixels: Floats, height: int, width: int) -> Floats:
     box = pixels.shape[2] >= height and pixels.shape[3] >= width
     rows = _resampling(pixels.shape[2], height, box)
     columns = _resampling(pixels.shape[3], width, box)
-    resized: Floats = np.clip(rows @ pixels @ columns.T, 0.0, 1.0).astype(np.float32)
+    resized: Floats = (rows @ pixels @ columns.T).astype(np.float32, copy=False)
+    np.clip(resized, 0.0, 1.0, out=resized)
     return resized
 
 
 @lru_cache(maxsize=64)
-def _resampling(size: int, new_size: int, box: bool) -> npt.NDArray[np.float64]:
-    """(new_size, size) weights of Pillow's BOX or BILINEAR filter along one axis.
+def _resampling(size: int, new_size: int, box: bool) -> Floats:
+    """(new_size, size) weights of Pillow's BOX or BILINEAR filter along one axis, as float32.
 
     As Pillow's `precompute_coeffs` (libImaging/Resample.c): each output pixel's centre in input
     coordinates, the filter widened by the scale when shrinking, the taps it covers, normalised to sum 1.
@@ -188,7 +189,7 @@ def _resampling(size: int, new_size: int, box: bool) -> npt.NDArray[np.float64]:
         taps = ((x > -0.5) & (x <= 0.5)).astype(np.float64) if box else np.maximum(1.0 - np.abs(x), 0.0)
         total = taps.sum()
         weights[i, first:stop] = taps / total if total else taps
-    return weights
+    return weights.astype(np.float32)
 
 
 def to_pngs(images: npt.NDArray[np.floating], scale: int = 1) -> list[bytes]:
