@@ -3,7 +3,7 @@
 Starts the service exactly as `make serve` does (the Makefile's own recipe, one worker) on a free loopback
 port, waits for /ready, and drives every case with wrk (Debian: `apt-get install wrk`) at 1, 16 and 64
 connections. The references are measured in the same run: the service's /health (the HTTP limit of this
-stack; run again just before each case, so that each ratio compares runs seconds apart) and the naive peer
+stack; it and each case take turns twice, so that drift in the load falls on both sides) and the naive peer
 (`bench/peers/naive.py`: FastAPI + PyTorch eager, same weights, Pydantic float lists). Then batching on vs
 off for /encode (one image) and /decode (one latent), at 1 and 64 connections, for the default model and
 for a conv model with 28x28 input trained here for one epoch, the two servers taking turns. Cases that miss
@@ -53,6 +53,8 @@ READY_TIMEOUT_S = 60.0
 # The image of /encode: a digit, upscaled to 28x28 like MNIST, as an 8-bit greyscale PNG.
 IMAGE_SIZE = 28
 BOUNDARY = "vaebenchboundary"
+# Comparisons in the same run take turns this many times (A B A B), so that drift falls on both sides.
+TURNS = 2
 
 
 @dataclass(frozen=True)
@@ -79,7 +81,7 @@ class Result:
     p50_ms: float
     p99_ms: float
     errors: int  # socket errors, timeouts and non-2xx responses
-    health_req_s: float | None = None  # /health just before, same connections: the reference of vs_health
+    health_req_s: float | None = None  # /health, in turns with it: the reference of vs_health
     vs_health: float | None = None
     vs_peer: float | None = None
 
@@ -334,20 +336,40 @@ def drive(
     work: Path,
     reference: Case | None = None,
 ) -> list[Result]:
-    """Each case at each number of connections, after a warm-up; with a `reference` (/health), that one runs
-    just before each of them too, so that each ratio compares runs a few seconds apart (the load of a
-    shared machine drifts over minutes)."""
+    """Each case at each number of connections, after a warm-up. With a `reference` (/health), the two take
+    turns twice (reference, case, reference, case; the case half its time each turn, the reference a
+    quarter), so that drift in a shared machine's load falls on both sides of each ratio alike."""
     results = []
     for case in some:
         wrk(server, case, connections[-1], 1, work)  # warm-up, not counted
         for c in connections:
-            before = None
-            if reference is not None and case != reference:
-                before = wrk(server, reference, c, max(1, seconds // 2), work).req_s
-            result = wrk(server, case, c, seconds, work)
-            result.health_req_s = before
+            if reference is None or case == reference:
+                results.append(show(wrk(server, case, c, seconds, work)))
+                continue
+            before, runs = [], []
+            for _ in range(TURNS):
+                before.append(wrk(server, reference, c, max(1, seconds // (2 * TURNS)), work))
+                runs.append(wrk(server, case, c, max(1, seconds // TURNS), work))
+            result = merged(runs)
+            result.health_req_s = merged(before).req_s
             results.append(show(result))
     return results
+
+
+def merged(runs: list[Result]) -> Result:
+    """One result of several runs of the same case: their requests over their time, mean percentiles."""
+    requests, duration = sum(r.requests for r in runs), sum(r.seconds for r in runs)
+    return Result(
+        server=runs[0].server,
+        case=runs[0].case,
+        connections=runs[0].connections,
+        requests=requests,
+        seconds=round(duration, 3),
+        req_s=round(requests / duration, 1),
+        p50_ms=round(sum(r.p50_ms for r in runs) / len(runs), 3),
+        p99_ms=round(sum(r.p99_ms for r in runs) / len(runs), 3),
+        errors=sum(r.errors for r in runs),
+    )
 
 
 def alternate(
@@ -361,23 +383,11 @@ def alternate(
             wrk(server, case, connections[-1], 1, work)  # warm-up, not counted
         for c in connections:
             turns: list[list[Result]] = [[] for _ in servers]
-            for _ in range(2):
+            for _ in range(TURNS):
                 for i, server in enumerate(servers):
-                    turns[i].append(wrk(server, case, c, max(1, seconds // 2), work))
+                    turns[i].append(wrk(server, case, c, max(1, seconds // TURNS), work))
             for i, runs in enumerate(turns):
-                requests, duration = sum(r.requests for r in runs), sum(r.seconds for r in runs)
-                merged = Result(
-                    server=runs[0].server,
-                    case=case.name,
-                    connections=c,
-                    requests=requests,
-                    seconds=round(duration, 3),
-                    req_s=round(requests / duration, 1),
-                    p50_ms=round(sum(r.p50_ms for r in runs) / len(runs), 3),
-                    p99_ms=round(sum(r.p99_ms for r in runs) / len(runs), 3),
-                    errors=sum(r.errors for r in runs),
-                )
-                combined[i].append(show(merged))
+                combined[i].append(show(merged(runs)))
     return combined
 
 
@@ -596,8 +606,9 @@ def markdown(report: Report) -> str:
         f"{m['wrk']}, {packages}.",
         "",
         f"Service: `{report.serve_command}` (one worker, default settings). wrk -t1, {report.seconds:g} s "
-        "per case after a warm-up. vs /health: to a run of /health just before the case, at the same "
-        "connections; vs peer: to the naive peer (bench/peers/naive.py), same endpoint and connections.",
+        "per case after a warm-up. vs /health: to /health at the same connections, the two taking turns "
+        "(health, case, health, case; the case half its time each turn, /health a quarter); vs peer: to "
+        "the naive peer (bench/peers/naive.py), same endpoint and connections.",
         "",
         "| case | conns | req/s | p50 ms | p99 ms | errors | vs /health | vs peer |",
         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
