@@ -53,7 +53,8 @@ READY_TIMEOUT_S = 60.0
 # The image of /encode: a digit, upscaled to 28x28 like MNIST, as an 8-bit greyscale PNG.
 IMAGE_SIZE = 28
 BOUNDARY = "vaebenchboundary"
-# Comparisons in the same run take turns this many times (A B A B), so that drift falls on both sides.
+# Comparisons in the same run take turns this many times, in balanced order (A B B A), so that drift in the
+# machine's load falls on both sides alike.
 TURNS = 2
 
 
@@ -337,8 +338,8 @@ def drive(
     reference: Case | None = None,
 ) -> list[Result]:
     """Each case at each number of connections, after a warm-up. With a `reference` (/health), the two take
-    turns twice (reference, case, reference, case; the case half its time each turn, the reference a
-    quarter), so that drift in a shared machine's load falls on both sides of each ratio alike."""
+    turns (reference, case, case, reference; the case half its time each turn, the reference a quarter), so
+    that drift in a shared machine's load falls on both sides of each ratio alike."""
     results = []
     for case in some:
         wrk(server, case, connections[-1], 1, work)  # warm-up, not counted
@@ -347,9 +348,10 @@ def drive(
                 results.append(show(wrk(server, case, c, seconds, work)))
                 continue
             before, runs = [], []
-            for _ in range(TURNS):
-                before.append(wrk(server, reference, c, max(1, seconds // (2 * TURNS)), work))
-                runs.append(wrk(server, case, c, max(1, seconds // TURNS), work))
+            for turn in range(TURNS):
+                pair = [(before, reference, seconds // (2 * TURNS)), (runs, case, seconds // TURNS)]
+                for into, what, duration in pair if turn % 2 == 0 else pair[::-1]:  # A B B A ...
+                    into.append(wrk(server, what, c, max(1, duration), work))
             result = merged(runs)
             result.health_req_s = merged(before).req_s
             results.append(show(result))
@@ -375,16 +377,17 @@ def merged(runs: list[Result]) -> Result:
 def alternate(
     servers: list[Server], some: list[Case], connections: tuple[int, ...], seconds: int, work: Path
 ) -> list[list[Result]]:
-    """The same cases on several servers, taking turns twice (A B A B), each turn half the time: drift in
-    the machine's load falls on all of them alike. One combined result per server, case and connections."""
+    """The same cases on several servers, taking turns (A B B A), each turn half the time: drift in the
+    machine's load falls on all of them alike. One combined result per server, case and connections."""
     combined: list[list[Result]] = [[] for _ in servers]
     for case in some:
         for server in servers:
             wrk(server, case, connections[-1], 1, work)  # warm-up, not counted
         for c in connections:
             turns: list[list[Result]] = [[] for _ in servers]
-            for _ in range(TURNS):
-                for i, server in enumerate(servers):
+            for turn in range(TURNS):
+                order = list(enumerate(servers))
+                for i, server in order if turn % 2 == 0 else order[::-1]:  # A B B A ...
                     turns[i].append(wrk(server, case, c, max(1, seconds // TURNS), work))
             for i, runs in enumerate(turns):
                 combined[i].append(show(merged(runs)))
@@ -607,7 +610,7 @@ def markdown(report: Report) -> str:
         "",
         f"Service: `{report.serve_command}` (one worker, default settings). wrk -t1, {report.seconds:g} s "
         "per case after a warm-up. vs /health: to /health at the same connections, the two taking turns "
-        "(health, case, health, case; the case half its time each turn, /health a quarter); vs peer: to "
+        "(health, case, case, health; the case half its time each turn, /health a quarter); vs peer: to "
         "the naive peer (bench/peers/naive.py), same endpoint and connections.",
         "",
         "| case | conns | req/s | p50 ms | p99 ms | errors | vs /health | vs peer |",
@@ -627,7 +630,7 @@ def markdown(report: Report) -> str:
         f"Start to /ready 200: {s['start_to_ready_s']:.2f} s (peer {s['peer_start_to_ready_s']:.2f} s). "
         f"RSS after the run: {s['rss_mb']:.0f} MB (peer {s['peer_rss_mb']:.0f} MB).",
         "",
-        "Batching (VAE_BATCHING) on vs off: both servers up at once, taking turns (off, on, off, on; half "
+        "Batching (VAE_BATCHING) on vs off: both servers up at once, taking turns (off, on, on, off; half "
         "the time each).",
         "",
         "| model | case | conns | off req/s | on req/s | on / off | off p50 / p99 ms | on p50 / p99 ms |",
