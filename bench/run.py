@@ -347,7 +347,8 @@ def drive(
             if reference is None or case == reference:
                 results.append(show(wrk(server, case, c, seconds, work)))
                 continue
-            before, runs = [], []
+            before: list[Result] = []
+            runs: list[Result] = []
             for turn in range(TURNS):
                 pair = [(before, reference, seconds // (2 * TURNS)), (runs, case, seconds // TURNS)]
                 for into, what, duration in pair if turn % 2 == 0 else pair[::-1]:  # A B B A ...
@@ -719,20 +720,20 @@ def main(argv: list[str] | None = None) -> int:
                 running("on", serve_command(on_port), on_env, on_port, "/ready", work / "on.log") as on,
             ):
                 offs, ons = alternate([off, on], batching_cases(dim), (1, 64), args.seconds, work)
-            for off, on in zip(offs, ons, strict=True):
+            for off_run, on_run in zip(offs, ons, strict=True):
                 report.batching.append(
                     {
                         "model": model_name,
-                        "case": off.case,
-                        "connections": off.connections,
-                        "off_req_s": off.req_s,
-                        "on_req_s": on.req_s,
-                        "on_vs_off": round(on.req_s / off.req_s, 3),
-                        "off_p50_ms": off.p50_ms,
-                        "off_p99_ms": off.p99_ms,
-                        "on_p50_ms": on.p50_ms,
-                        "on_p99_ms": on.p99_ms,
-                        "errors": off.errors + on.errors,
+                        "case": off_run.case,
+                        "connections": off_run.connections,
+                        "off_req_s": off_run.req_s,
+                        "on_req_s": on_run.req_s,
+                        "on_vs_off": round(on_run.req_s / off_run.req_s, 3),
+                        "off_p50_ms": off_run.p50_ms,
+                        "off_p99_ms": off_run.p99_ms,
+                        "on_p50_ms": on_run.p50_ms,
+                        "on_p99_ms": on_run.p99_ms,
+                        "errors": off_run.errors + on_run.errors,
                     }
                 )
         targets(report)

@@ -12,10 +12,12 @@ import platform
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from training.evaluate import evaluate
 from training.model import VAEConfig
@@ -47,6 +49,11 @@ def examples_loss(recon_x: Tensor, x: Tensor, mu: Tensor, logvar: Tensor) -> Ten
     return bce + kld
 
 
+def _as_dataset(images: Tensor) -> Dataset[Tensor]:
+    """A tensor is a map-style dataset of its rows (what pytorch/examples' loaders yield, less the labels)."""
+    return cast("Dataset[Tensor]", images)
+
+
 def train_examples(train_x: Tensor, test_x: Tensor, epochs: int, seed: int) -> float:
     """The reference recipe: Adam 1e-3, batch 128, shuffled; returns the test loss per image."""
     torch.manual_seed(seed)
@@ -55,16 +62,16 @@ def train_examples(train_x: Tensor, test_x: Tensor, epochs: int, seed: int) -> f
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     for _ in range(epochs):
         model.train()
-        for batch in torch.utils.data.DataLoader(train_x, batch_size=128, shuffle=True):
+        for batch in torch.utils.data.DataLoader(_as_dataset(train_x), batch_size=128, shuffle=True):
             optimizer.zero_grad()
             recon, mu, logvar = model(batch)
             loss = examples_loss(recon, batch, mu, logvar)
-            loss.backward()
+            loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
     model.eval()
     with torch.no_grad():
         total = 0.0
-        for batch in torch.utils.data.DataLoader(test_x, batch_size=128):
+        for batch in torch.utils.data.DataLoader(_as_dataset(test_x), batch_size=128):
             recon, mu, logvar = model(batch)
             total += float(examples_loss(recon, batch, mu, logvar))
     return total / len(test_x)

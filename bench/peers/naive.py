@@ -15,7 +15,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 import onnx
@@ -83,7 +83,9 @@ def _load(model_dir: Path) -> tuple[Encoder, Decoder, VAEConfig]:
 
 
 @torch.no_grad()
-def _check_parity(model_dir: Path, card: dict, encoder: Encoder, decoder: Decoder, cfg: VAEConfig) -> None:
+def _check_parity(
+    model_dir: Path, card: dict[str, Any], encoder: Encoder, decoder: Decoder, cfg: VAEConfig
+) -> None:
     x = np.random.default_rng(0).uniform(size=(4, cfg.channels, cfg.height, cfg.width)).astype(np.float32)
     z = np.random.default_rng(1).standard_normal((4, cfg.latent_dim)).astype(np.float32)
     cpu = ["CPUExecutionProvider"]
