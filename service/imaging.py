@@ -24,7 +24,6 @@ __all__ = [
     "ImageError",
     "ImageTooLarge",
     "grid_png",
-    "load_image",
     "read_pixels",
     "tile",
     "to_model",
@@ -62,18 +61,6 @@ class ImageError(ValueError):
 
 class ImageTooLarge(ImageError):
     """An image with more pixels than the server decodes, found from its header before decompression."""
-
-
-def load_image(
-    data: bytes, spec: InputSpec, *, invert: bool = False, max_pixels: int | None = None
-) -> Floats:
-    """Decode one image into the model's (C, H, W) in [0, 1] (the model maps [0, 1] to its pixel range).
-
-    `read_pixels` then `to_model`, for one image: see them for the size limits and `invert`.
-    """
-    pixels = read_pixels(data, spec, invert=invert, max_pixels=max_pixels)
-    image: Floats = to_model([pixels], spec, invert=invert)[0]
-    return image
 
 
 def read_pixels(

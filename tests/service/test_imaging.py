@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.imaging import ImageError, grid_png, load_image, read_pixels, tile, to_model, to_png, to_pngs
+from service.imaging import Floats, ImageError, grid_png, read_pixels, tile, to_model, to_png, to_pngs
 from service.model_card import InputSpec
 from tests.service.helpers import png, truncated_png
 
@@ -20,6 +20,11 @@ DARK = InputSpec(channels=1, height=8, width=8, foreground="dark")
 RAMP = (np.arange(64, dtype=np.uint8) * 4).reshape(8, 8)
 # One 8-bit level: the most a round trip through an 8-bit mode may move a value in [0, 1].
 LEVEL = 1 / 255 + 1e-6
+
+
+def load_image(data: bytes, spec: InputSpec, *, invert: bool = False) -> Floats:
+    """One upload as the routes read it: decoded, then resized and flipped as a batch of one; (C, H, W)."""
+    return to_model([read_pixels(data, spec, invert=invert)], spec, invert=invert)[0]
 
 
 def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
