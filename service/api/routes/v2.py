@@ -178,12 +178,13 @@ def _graph(model: Model, name: str) -> OnnxFile:
     )
 
 
+def _shape(spec: TensorSpec) -> list[int]:
+    """The card's shape as the protocol writes it: -1 for the batch axis (null in the card)."""
+    return [-1 if dim is None else dim for dim in spec.shape]
+
+
 def _metadata(spec: TensorSpec) -> TensorMetadata:
-    return TensorMetadata(
-        name=spec.name,
-        datatype=DATATYPES[spec.dtype],
-        shape=[-1 if dim is None else dim for dim in spec.shape],
-    )
+    return TensorMetadata(name=spec.name, datatype=DATATYPES[spec.dtype], shape=_shape(spec))
 
 
 @router.get("", summary="Server metadata", response_model=ServerMetadata)
@@ -329,7 +330,7 @@ def _input_tensor(
     datatype = DATATYPES[spec.dtype]
     if given.datatype != datatype:
         raise _unrunnable(f"{where}.datatype is {given.datatype}; {model_name}'s {spec.name} is {datatype}")
-    expected = [-1 if dim is None else dim for dim in spec.shape]
+    expected = _shape(spec)
     shape: list[int] = given.shape
     if len(shape) != len(expected) or any(
         dim not in (-1, size) for dim, size in zip(expected, shape, strict=True)
