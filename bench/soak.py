@@ -20,7 +20,6 @@ import base64
 import json
 import os
 import random
-import socket
 import struct
 import subprocess
 import sys
@@ -34,10 +33,8 @@ from typing import Any
 
 import httpx
 import numpy as np
+from run import HOST, REPO, RESULTS, free_port  # bench/run.py: the same loopback host and results folder
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "results"
-HOST = "127.0.0.1"
 KEY = "soak-test-key-6b0d2f"
 # Limits of the soaked server, small enough for the mix to cross them cheaply.
 BODY_LIMIT = 256 * 1024
@@ -136,13 +133,6 @@ def mix(latent_dim: int, pngs: list[bytes]) -> list[Kind]:
         Kind("pixel-bomb", 1, 413, "POST", "/encode", {**files(bomb_png(4096)), "headers": key}),
     ]
     return kinds + bad
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def rss_bytes(pid: int) -> int:
