@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -84,6 +83,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
+    from training.distributed import launched_rank
     from training.evaluate import evaluate
     from training.export import export
     from training.model import VAEConfig
@@ -114,7 +114,7 @@ def _run(args: argparse.Namespace) -> None:
             backend=args.backend,
             device=args.device,
         )
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launched_rank() == 0:  # under torchrun every process returns here; one prints
             print(f"best checkpoint: {best}")
     elif args.command == "evaluate":
         ckpt = load_checkpoint(args.checkpoint)

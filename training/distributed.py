@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 
-__all__ = ["Backend", "Context", "distributed"]
+__all__ = ["Backend", "Context", "distributed", "launched_rank"]
 
 Backend = Literal["auto", "nccl", "gloo"]
 
@@ -65,11 +65,16 @@ def _device(local_rank: int, device: str) -> torch.device:
     return torch.device(device)
 
 
+def launched_rank() -> int:
+    """This process's rank as torchrun set it (RANK); 0 for a single process."""
+    return int(os.environ.get("RANK", "0"))
+
+
 @contextmanager
 def distributed(backend: Backend = "auto", device: str = "auto") -> Iterator[Context]:
     """The process group for the run's duration (none for a single process)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     where = _device(local_rank, device)
     if world_size == 1:
