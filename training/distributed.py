@@ -6,6 +6,7 @@ is a single process. The backend is NCCL when the processes have GPUs and gloo o
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -85,4 +86,9 @@ def distributed(backend: Backend = "auto", device: str = "auto") -> Iterator[Con
     try:
         yield Context(rank=rank, world_size=world_size, device=where)
     finally:
+        # DistributedDataParallel sits in reference cycles: left to the collector, its reducer (and the
+        # gloo work it holds) was torn down at interpreter exit, after the group, and could abort the
+        # process (SIGABRT, "terminate called without an active exception"). Collected here, it goes
+        # while the group is alive.
+        gc.collect()
         dist.destroy_process_group()
