@@ -13,7 +13,6 @@ pool, a thread round trip per dependency per request that costs more than this m
 from __future__ import annotations
 
 from typing import Annotated, Any, TypeVar
-from urllib.parse import parse_qsl
 
 from fastapi import Depends, HTTPException, Request, status
 
@@ -70,9 +69,9 @@ def served(request: Request, options: type[OptionsT]) -> tuple[Model, Settings, 
     """
     model: Model = _from_lifespan(request, "model")
     settings: Settings = _from_lifespan(request, "settings")
-    # The query as Starlette reads it (last value of a repeated name wins), without its multi-dict.
-    query = dict(parse_qsl(request.scope["query_string"].decode("latin-1"), keep_blank_values=True))
-    return model, settings, parse_query(options, query, settings)
+    # Last value of a repeated name wins. FastAPI has parsed the query string already (for the route's own
+    # query parameters, none here), and the request keeps what it parsed.
+    return model, settings, parse_query(options, dict(request.query_params), settings)
 
 
 def body_images(
