@@ -18,6 +18,15 @@ def _usable_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def _model_threads() -> int:
+    """One fewer than the CPUs this process may use, at least 1: the event loop keeps a CPU of its own.
+
+    A model run's threads that take the event loop's CPU slow every request it is parsing and answering, by
+    more than they speed up the run (this model's runs are a few hundred microseconds at most).
+    """
+    return max(1, _usable_cpus() - 1)
+
+
 class Settings(BaseSettings):
     """Everything the service can be told at startup; each field is the env var `VAE_<NAME>`."""
 
@@ -30,8 +39,8 @@ class Settings(BaseSettings):
     providers: Annotated[list[str], NoDecode] = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     # Refuse to start unless the CUDA provider is really in use (instead of silently running on the CPU).
     require_gpu: bool = False
-    # Threads ONNX Runtime uses inside one operator; default: the CPUs this process may run on.
-    intra_op_threads: int = Field(default_factory=_usable_cpus, ge=1)
+    # Threads ONNX Runtime uses inside one operator; default: one fewer than the CPUs this process may run on.
+    intra_op_threads: int = Field(default_factory=_model_threads, ge=1)
     # Coalesce the model runs of concurrent requests into one ONNX Runtime run, on a thread per graph
     # (off: each request runs its own batch on the event loop).
     batching: bool = True
