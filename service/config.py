@@ -22,7 +22,8 @@ def _model_threads() -> int:
     """One fewer than the CPUs this process may use, at least 1: the event loop keeps a CPU of its own.
 
     A model run's threads that take the event loop's CPU slow every request it is parsing and answering, by
-    more than they speed up the run (this model's runs are a few hundred microseconds at most).
+    more than they speed up runs as short as these (a coalesced run of the default or the 28x28 conv model
+    takes about a millisecond at most on the CPU).
     """
     return max(1, _usable_cpus() - 1)
 
