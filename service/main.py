@@ -28,8 +28,9 @@ __all__ = ["State", "create_app"]
 # The cyclic collector's first threshold: allocations (net of frees) of tracked objects between two young
 # collections. Python's 700 is crossed whenever a few dozen requests wait at once (each holds its coroutines,
 # scope and request objects while its model run is on the batching thread), and each crossing traverses them
-# all, about 7 us a request at 16 connections; objects that die young never count, so a larger threshold
-# only delays the collection of cycles (tracebacks of failed requests), by a few megabytes at most.
+# all, about 7 us a request at 16 connections. Objects freed by reference counting never count, and the
+# request paths, refusals included, leave no reference cycles behind: a larger threshold only lets the rare
+# cycle wait longer for its collection.
 _YOUNG_COLLECTION_THRESHOLD = 20_000
 
 
