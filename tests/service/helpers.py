@@ -1,4 +1,4 @@
-"""Building request payloads: PNG bytes of arrays, digits as PNGs, multipart fields."""
+"""Building request payloads: PNG bytes of arrays, digits as PNGs, multipart fields; the app as served."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import httpx2
 import numpy as np
 import numpy.typing as npt
+from fastapi import FastAPI
 from PIL import Image
 from pydantic import BaseModel
 
@@ -81,3 +82,12 @@ def truncated_png() -> bytes:
     """The first half of an incompressible PNG: it opens, but its pixel data ends early."""
     noise = png(np.random.default_rng(0).integers(0, 256, size=(32, 32), dtype=np.uint8))
     return noise[: len(noise) // 2]
+
+
+def with_state(app: FastAPI, state: Any) -> Any:
+    """The app as a server runs it: each request's scope carries a copy of the lifespan state."""
+
+    async def served(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await app({**scope, "state": dict(state)}, receive, send)
+
+    return served

@@ -16,7 +16,7 @@ from starlette.types import Message
 from service.api import guards
 from service.config import Settings
 from service.main import create_app
-from tests.service.helpers import detail, digit_png, files
+from tests.service.helpers import detail, digit_png, files, with_state
 
 # Small limits, so that a small request crosses them.
 BODY_LIMIT = 4096
@@ -129,7 +129,7 @@ def test_requests_past_the_in_flight_limit_get_503_at_once(settings: Settings) -
             yield b",".join([b"0.5"] * 16) + b"]]}"
 
         async with app.router.lifespan_context(app) as state:
-            transport = httpx2.ASGITransport(app=_with_state(app, state))
+            transport = httpx2.ASGITransport(app=with_state(app, state))
             async with httpx2.AsyncClient(transport=transport, base_url="http://test") as client:
                 json_headers = {"content-type": "application/json"}
                 held = [
@@ -153,15 +153,6 @@ def test_requests_past_the_in_flight_limit_get_503_at_once(settings: Settings) -
                 assert (await client.get("/sample?n=1")).status_code == 200  # the places are free again
 
     asyncio.run(scenario())
-
-
-def _with_state(app: FastAPI, state: Any) -> Any:
-    """The app as a server runs it: each request's scope carries a copy of the lifespan state."""
-
-    async def served(scope: dict[str, Any], receive: Any, send: Any) -> None:
-        await app({**scope, "state": dict(state)}, receive, send)
-
-    return served
 
 
 # API keys
