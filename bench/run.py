@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -123,10 +124,16 @@ end
 """
 
 
-def digit_png(index: int) -> bytes:
+@cache
+def digits() -> Any:
+    """scikit-learn's 8x8 digits (images 0..16 and labels), read once."""
     from sklearn.datasets import load_digits
 
-    pixels = (load_digits().images[index] / 16.0 * 255.0).round().astype(np.uint8)
+    return load_digits()
+
+
+def digit_png(index: int) -> bytes:
+    pixels = (digits().images[index] / 16.0 * 255.0).round().astype(np.uint8)
     image = Image.fromarray(pixels).resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -347,16 +354,24 @@ def drive(
             if reference is None or case == reference:
                 results.append(show(wrk(server, case, c, seconds, work)))
                 continue
-            before: list[Result] = []
-            runs: list[Result] = []
-            for turn in range(TURNS):
-                pair = [(before, reference, seconds // (2 * TURNS)), (runs, case, seconds // TURNS)]
-                for into, what, duration in pair if turn % 2 == 0 else pair[::-1]:  # A B B A ...
-                    into.append(wrk(server, what, c, max(1, duration), work))
+            before, runs = in_turns(
+                [(server, reference, seconds // (2 * TURNS)), (server, case, seconds // TURNS)], c, work
+            )
             result = merged(runs)
             result.health_req_s = merged(before).req_s
             results.append(show(result))
     return results
+
+
+def in_turns(runs: list[tuple[Server, Case, int]], connections: int, work: Path) -> list[list[Result]]:
+    """Each (server, case, seconds) run TURNS times, taking turns in balanced order (A B B A ...), so that
+    drift in the machine's load falls on all of them alike: the runs of each, in the order given."""
+    done: list[list[Result]] = [[] for _ in runs]
+    order = list(enumerate(runs))
+    for turn in range(TURNS):
+        for i, (server, case, seconds) in order if turn % 2 == 0 else order[::-1]:
+            done[i].append(wrk(server, case, connections, max(1, seconds), work))
+    return done
 
 
 def merged(runs: list[Result]) -> Result:
@@ -385,11 +400,7 @@ def alternate(
         for server in servers:
             wrk(server, case, connections[-1], 1, work)  # warm-up, not counted
         for c in connections:
-            turns: list[list[Result]] = [[] for _ in servers]
-            for turn in range(TURNS):
-                order = list(enumerate(servers))
-                for i, server in order if turn % 2 == 0 else order[::-1]:  # A B B A ...
-                    turns[i].append(wrk(server, case, c, max(1, seconds // TURNS), work))
+            turns = in_turns([(server, case, seconds // TURNS) for server in servers], c, work)
             for i, runs in enumerate(turns):
                 combined[i].append(show(merged(runs)))
     return combined
@@ -557,11 +568,8 @@ def targets(report: Report) -> None:
 
 def conv_model(work: Path) -> Path:
     """A conv VAE on 28x28 digits (scikit-learn's, upscaled), one epoch, exported: the model directory."""
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
     folder = work / "digits28"
-    for i, (pixels, label) in enumerate(zip(digits.images, digits.target, strict=True)):
+    for i, (pixels, label) in enumerate(zip(digits().images, digits().target, strict=True)):
         (folder / str(label)).mkdir(parents=True, exist_ok=True)
         image = Image.fromarray((pixels / 16.0 * 255.0).round().astype(np.uint8))
         image.resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR).save(
