@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, PngImagePlugin
 
 from service.imaging import Floats, ImageError, grid_png, read_pixels, tile, to_model, to_png, to_pngs
 from service.model_card import InputSpec
@@ -153,6 +154,83 @@ def test_exif_orientation_is_applied() -> None:
     x = load_image(buffer.getvalue(), GREY)
     np.testing.assert_allclose(x[0, :, -1], 1.0)
     np.testing.assert_allclose(x[0, :, 0], 0.0)
+
+
+@pytest.mark.parametrize("invert", [False, True], ids=["as-is", "inverted"])
+@pytest.mark.parametrize("spec", [GREY, DARK, COLOUR], ids=["grey", "dark", "colour"])
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "I;16", "1"])
+def test_a_png_reads_as_the_same_pixels_in_tiff(mode: str, spec: InputSpec, invert: bool) -> None:
+    """8-bit PNGs in the model's channels are decoded by libspng, the rest by Pillow: the same floats."""
+    rng = np.random.default_rng(2)
+    pixels = rng.integers(0, 256, size=(9, 7, 4), dtype=np.uint8)
+    pixels[0, :, 3], pixels[1, :, 3] = 0, 255  # fully transparent and opaque rows, the rest in between
+    image = Image.fromarray(pixels).convert(mode)
+    tiff = image.convert("RGBA") if mode == "P" else image  # the palette's colours and alpha, in TIFF
+    as_png = read_pixels(encoded(image), spec, invert=invert)
+    np.testing.assert_array_equal(as_png, read_pixels(encoded(tiff, "TIFF"), spec, invert=invert))
+    assert as_png.shape == (9, 7, spec.channels)
+
+
+@pytest.mark.parametrize("spec", [GREY, COLOUR], ids=["grey", "colour"])
+def test_transparency_chunk_of_a_truecolour_png_is_honoured(spec: InputSpec) -> None:
+    image = Image.fromarray(RAMP).convert("L" if spec.channels == 1 else "RGB")
+    transparent = 0 if spec.channels == 1 else (0, 0, 0)
+    x = load_image(encoded_with(image, transparency=transparent), DARK if spec.channels == 1 else spec)
+    # The first pixel (0) is transparent: the dark model's background, white; the rest as they are.
+    expected = RAMP / 255.0
+    if spec.channels == 1:
+        expected = expected.copy()
+        expected[0, 0] = 1.0
+        np.testing.assert_allclose(x[0], expected, atol=LEVEL)
+    else:
+        np.testing.assert_allclose(x[:, 0, 0], 0.0)  # a light-on-dark colour model: black background
+        np.testing.assert_allclose(x[:, 1:, :], np.repeat(expected[None, 1:, :], 3, axis=0), atol=LEVEL)
+
+
+def encoded_with(image: Image.Image, **save: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", **save)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("after_pixels", [False, True], ids=["before-pixels", "after-pixels"])
+def test_exif_orientation_in_a_text_chunk_is_applied(after_pixels: bool) -> None:
+    """ImageMagick writes EXIF as a hex "Raw profile type exif" text chunk; Pillow reads orientation there,
+    before or after the pixel data."""
+    pixels = np.zeros((8, 8), dtype=np.uint8)
+    pixels[0, :] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = exif.tobytes()
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", f"\nexif\n{len(raw):8d}\n{raw.hex()}\n")
+    data = encoded_with(Image.fromarray(pixels), pnginfo=info)
+    if after_pixels:  # move the text chunk (length, type, data, CRC) to just before IEND
+        start = data.index(b"tEXt") - 4
+        end = start + 12 + int.from_bytes(data[start : start + 4], "big")
+        data = data[:start] + data[end:-12] + data[start:end] + data[-12:]
+        assert data.index(b"tEXt") > data.index(b"IDAT")
+    x = load_image(data, GREY)
+    np.testing.assert_allclose(x[0, :, -1], 1.0)
+    np.testing.assert_allclose(x[0, :, 0], 0.0)
+
+
+def corrupted(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0x10]) + data[at + 1 :]
+
+
+@pytest.mark.parametrize(
+    ("where", "message"),
+    [
+        (lambda data: 29, "is not an image format Pillow can read"),  # the header's CRC
+        (lambda data: data.index(b"IDAT") + 4, "cannot be decoded"),  # the pixel data's zlib header
+    ],
+    ids=["header-crc", "pixel-data"],
+)
+def test_corrupt_pngs_are_refused(where: Any, message: str) -> None:
+    data = png(np.random.default_rng(0).integers(0, 256, size=(8, 8), dtype=np.uint8))
+    with pytest.raises(ImageError, match=message):
+        read_pixels(corrupted(data, where(data)), GREY)
 
 
 @pytest.mark.parametrize(
