@@ -28,9 +28,9 @@ def load_image(data: bytes, spec: InputSpec, *, invert: bool = False) -> Floats:
     return to_model([read_pixels(data, spec, invert=invert)], spec, invert=invert)[0]
 
 
-def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
+def encoded(image: Image.Image, fmt: str = "PNG", **save: object) -> bytes:
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
+    image.save(buffer, format=fmt, **save)
     return buffer.getvalue()
 
 
@@ -171,26 +171,19 @@ def test_a_png_reads_as_the_same_pixels_in_tiff(mode: str, spec: InputSpec, inve
     assert as_png.shape == (9, 7, spec.channels)
 
 
-@pytest.mark.parametrize("spec", [GREY, COLOUR], ids=["grey", "colour"])
-def test_transparency_chunk_of_a_truecolour_png_is_honoured(spec: InputSpec) -> None:
-    image = Image.fromarray(RAMP).convert("L" if spec.channels == 1 else "RGB")
-    transparent = 0 if spec.channels == 1 else (0, 0, 0)
-    x = load_image(encoded_with(image, transparency=transparent), DARK if spec.channels == 1 else spec)
-    # The first pixel (0) is transparent: the dark model's background, white; the rest as they are.
-    expected = RAMP / 255.0
-    if spec.channels == 1:
-        expected = expected.copy()
-        expected[0, 0] = 1.0
-        np.testing.assert_allclose(x[0], expected, atol=LEVEL)
-    else:
-        np.testing.assert_allclose(x[:, 0, 0], 0.0)  # a light-on-dark colour model: black background
-        np.testing.assert_allclose(x[:, 1:, :], np.repeat(expected[None, 1:, :], 3, axis=0), atol=LEVEL)
-
-
-def encoded_with(image: Image.Image, **save: object) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", **save)
-    return buffer.getvalue()
+@pytest.mark.parametrize(
+    ("mode", "spec", "transparent", "background"),
+    [("L", DARK, 128, 1.0), ("RGB", COLOUR, (128, 128, 128), 0.0)],
+    ids=["grey-dark-model", "rgb-light-model"],
+)
+def test_transparency_chunk_of_a_png_is_honoured(
+    mode: str, spec: InputSpec, transparent: object, background: float
+) -> None:
+    """A tRNS chunk makes one colour of a greyscale or RGB PNG transparent: the model's background there."""
+    x = load_image(encoded(Image.fromarray(RAMP).convert(mode), transparency=transparent), spec)
+    expected = np.repeat((RAMP / 255.0)[None], spec.channels, axis=0)
+    expected[:, 4, 0] = background  # the one pixel of level 128
+    np.testing.assert_allclose(x, expected, atol=LEVEL)
 
 
 @pytest.mark.parametrize("after_pixels", [False, True], ids=["before-pixels", "after-pixels"])
@@ -204,7 +197,7 @@ def test_exif_orientation_in_a_text_chunk_is_applied(after_pixels: bool) -> None
     raw = exif.tobytes()
     info = PngImagePlugin.PngInfo()
     info.add_text("Raw profile type exif", f"\nexif\n{len(raw):8d}\n{raw.hex()}\n")
-    data = encoded_with(Image.fromarray(pixels), pnginfo=info)
+    data = encoded(Image.fromarray(pixels), pnginfo=info)
     if after_pixels:  # move the text chunk (length, type, data, CRC) to just before IEND
         start = data.index(b"tEXt") - 4
         end = start + 12 + int.from_bytes(data[start : start + 4], "big")
