@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [name for name in names if name not in known]
     if unknown:
         parser.error(f"unknown cases {unknown}; known: {', '.join(known)}")
+    if len(set(names)) < len(names):
+        parser.error(f"a case is named twice in {names}: each is measured once, in turns")
     with tempfile.TemporaryDirectory(prefix="vae-compare-") as tmp, ExitStack() as stack:
         work, tree = Path(tmp), Path(tmp) / "base"
         git = ["git", "-C", str(REPO), "worktree"]
