@@ -7,7 +7,7 @@ The base revision is checked out into a temporary git worktree; the working tree
 served by this virtualenv's Python, one worker, with its own models/default (`python -m service` run from a
 tree imports that tree's code). Both servers are up at once and each case runs on each in balanced turns
 (base, change, change, base ...), so that drift in a shared machine's load falls on both alike. Besides
-requests per second it reads each server's CPU time from /proc before and after every run: CPU per request
+requests per second it reads each server's CPU time from /proc before and after each case: CPU per request
 is steadier than requests per second where the load generator shares the CPUs. Loopback only; Linux (/proc).
 """
 
@@ -22,7 +22,7 @@ import tempfile
 from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 
-from run import HOST, REPO, Server, cases, free_port, running, service_env, wrk  # bench/run.py
+from run import HOST, REPO, Server, cases, free_port, in_turns, merged, running, service_env, wrk
 
 
 def cpu_seconds(pid: int) -> float:
@@ -64,19 +64,20 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([*git, "add", "--detach", "-q", str(tree), args.base], check=True)
         stack.callback(subprocess.run, [*git, "remove", "--force", str(tree)], check=True)
         servers = [stack.enter_context(serve(*side, work)) for side in (("base", tree), ("change", REPO))]
-        # Requests, seconds, CPU seconds of each (server, case).
-        totals = {(server.name, name): [0, 0.0, 0.0] for server in servers for name in names}
+        # Requests, seconds and CPU seconds of each (server, case).
+        totals: dict[tuple[str, str], tuple[int, float, float]] = {}
         for name in names:
             for server in servers:
                 wrk(server, known[name], args.connections, 1, work)  # warm-up, not counted
-            for turn in range(args.turns):
-                for server in servers if turn % 2 == 0 else servers[::-1]:
-                    before = cpu_seconds(server.pid())
-                    result = wrk(server, known[name], args.connections, args.seconds, work)
-                    total = totals[(server.name, name)]
-                    total[0] += result.requests
-                    total[1] += result.seconds
-                    total[2] += cpu_seconds(server.pid()) - before
+            # Each server's CPU over all the case's turns: its own runs, and its idle wait for the other's,
+            # which costs next to nothing (its threads sleep).
+            before = [cpu_seconds(server.pid()) for server in servers]
+            runs = [(server, known[name], args.seconds) for server in servers]
+            turns = in_turns(runs, args.connections, work, args.turns)
+            for server, start, results in zip(servers, before, turns, strict=True):
+                result = merged(results)
+                used = cpu_seconds(server.pid()) - start
+                totals[(server.name, name)] = (result.requests, result.seconds, used)
     print(
         f"{args.base} (base) vs the working tree (change): {args.connections} connections, "
         f"{args.turns} turns of {args.seconds} s each"

@@ -363,12 +363,14 @@ def drive(
     return results
 
 
-def in_turns(runs: list[tuple[Server, Case, int]], connections: int, work: Path) -> list[list[Result]]:
-    """Each (server, case, seconds) run TURNS times, taking turns in balanced order (A B B A ...), so that
+def in_turns(
+    runs: list[tuple[Server, Case, int]], connections: int, work: Path, turns: int = TURNS
+) -> list[list[Result]]:
+    """Each (server, case, seconds) run `turns` times, taking turns in balanced order (A B B A ...), so that
     drift in the machine's load falls on all of them alike: the runs of each, in the order given."""
     done: list[list[Result]] = [[] for _ in runs]
     order = list(enumerate(runs))
-    for turn in range(TURNS):
+    for turn in range(turns):
         for i, (server, case, seconds) in order if turn % 2 == 0 else order[::-1]:
             done[i].append(wrk(server, case, connections, max(1, seconds), work))
     return done

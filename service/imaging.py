@@ -141,7 +141,7 @@ def _plain_png(data: bytes, channels: int, max_pixels: int | None) -> npt.NDArra
     than the limits, a broken header or any decoding error): Pillow then reads the file, or refuses it with
     its own message. Like Pillow, a corrupt header CRC is refused and a corrupt data CRC is not.
     """
-    if not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 33:
+    if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None
     width, height, depth, colour = struct.unpack_from(">IIBB", data, 16)
     pixel_format = _SPNG_FORMATS.get((channels, colour))
