@@ -138,8 +138,8 @@ def _plain_png(data: bytes, channels: int, max_pixels: int | None) -> npt.NDArra
     """The 8-bit pixels of a PNG that libspng decodes exactly as Pillow would, else None.
 
     None for anything else (another format or colour type, 16-bit, a chunk in _PILLOW_CHUNKS, more pixels
-    than the limits, a broken header or any decoding error): Pillow then reads the file, or refuses it with
-    its own message. Like Pillow, a corrupt header CRC is refused and a corrupt data CRC is not.
+    than the limits, a chunk that is cut short or fails its CRC, or any decoding error): Pillow then reads
+    the file, or refuses it with its own message.
     """
     if len(data) < 33 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
         return None
@@ -147,9 +147,7 @@ def _plain_png(data: bytes, channels: int, max_pixels: int | None) -> npt.NDArra
     pixel_format = _SPNG_FORMATS.get((channels, colour))
     area = width * height
     too_large = any(limit is not None and area > limit for limit in (max_pixels, Image.MAX_IMAGE_PIXELS))
-    if pixel_format is None or depth != 8 or too_large:
-        return None
-    if zlib.crc32(data[12:29]) != struct.unpack_from(">I", data, 29)[0] or _has_pillow_chunks(data):
+    if pixel_format is None or depth != 8 or too_large or not _intact_plain_chunks(data):
         return None
     try:
         pixels: npt.NDArray[np.uint8] = pyspng.load(data, pixel_format)
@@ -158,15 +156,26 @@ def _plain_png(data: bytes, channels: int, max_pixels: int | None) -> npt.NDArra
     return pixels
 
 
-def _has_pillow_chunks(data: bytes) -> bool:
-    """Whether a chunk of the PNG is one of _PILLOW_CHUNKS: a walk over the chunk headers (length, type)."""
-    position, last = len(_PNG_SIGNATURE), len(data) - 12  # the last place a whole chunk can start
-    while position <= last:
+def _intact_plain_chunks(data: bytes) -> bool:
+    """Whether the PNG's chunks up to IEND are all whole, their CRCs right, and none in _PILLOW_CHUNKS.
+
+    pyspng has libspng ignore CRCs, and with them the zlib stream's Adler-32: without this check a corrupt
+    upload would decode into wrong pixels where Pillow refuses it. What it leaves: a wrong Adler-32 under
+    right CRCs (a file written so, not one damaged on the way) is read here and refused by Pillow.
+    """
+    view = memoryview(data)
+    position = len(_PNG_SIGNATURE)
+    while position + 12 <= len(data):
         length, kind = struct.unpack_from(">I4s", data, position)
-        if kind in _PILLOW_CHUNKS:
+        end = position + 8 + length  # where the chunk's CRC starts: length, type, data
+        if kind in _PILLOW_CHUNKS or end + 4 > len(data):
+            return False
+        if zlib.crc32(view[position + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
+            return False
+        if kind == b"IEND":
             return True
-        position += 12 + length  # length, type, data, CRC
-    return False
+        position = end + 4
+    return False  # truncated before IEND
 
 
 def _as_floats(image: Image.Image, channels: int, light_background: bool) -> Floats:

@@ -225,6 +225,36 @@ def test_corrupt_pngs_are_refused(chunk: bytes, offset: int, message: str) -> No
         read_pixels(corrupted(data, data.index(chunk) + offset), GREY)
 
 
+def read_by_pillow(data: bytes) -> Floats | None:
+    """A greyscale PNG as Pillow alone reads it, (H, W, 1) in [0, 1]; None where Pillow refuses it."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            levels = np.asarray(image.convert("L"))
+    except Exception:  # whatever Pillow raises on a broken file
+        return None
+    return (levels.astype(np.float32) / np.float32(255.0))[:, :, None]
+
+
+@pytest.mark.parametrize("ramp", [False, True], ids=["noise", "ramp"])
+def test_a_png_corrupt_at_any_byte_reads_as_pillow_reads_it(ramp: bool) -> None:
+    """libspng, as pyspng runs it, checks neither chunk CRCs nor the pixel data's Adler-32: a corrupt upload
+    must still be refused wherever Pillow refuses it, and read as Pillow reads it elsewhere."""
+    pixels = RAMP if ramp else np.random.default_rng(1).integers(0, 256, size=(8, 8), dtype=np.uint8)
+    data = png(pixels)
+    assert read_pixels(data, GREY).shape == (8, 8, 1)
+    refused = 0
+    for at in range(len(data)):
+        bad = corrupted(data, at)
+        expected = read_by_pillow(bad)
+        if expected is None:
+            refused += 1
+            with pytest.raises(ImageError):
+                read_pixels(bad, GREY)
+        else:
+            np.testing.assert_array_equal(read_pixels(bad, GREY), expected, err_msg=f"byte {at} flipped")
+    assert refused > len(data) // 2  # most flips break the file; the rest, in CRCs and IEND, Pillow reads
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
