@@ -7,14 +7,16 @@ included), so `x` is images in [0, 1]. Tensors travel as JSON `data` or, with Tr
 extension, as raw little-endian bytes after the JSON header (`Inference-Header-Content-Length`). Errors are
 `{"error": "..."}`: 400 for a request that is not a valid inference request, 404 for an unknown model, 415
 for a compressed body, 422 for a valid request this model cannot run (names, datatypes, shapes, values), 503
-before the model is loaded.
+before the model is loaded. Each model has one version, unnamed: the protocol's versioned paths
+(`/v2/models/{name}/versions/{version}/...`) answer 404 with the path to use instead.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Coroutine, Mapping
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -40,6 +42,8 @@ PLATFORM = "onnxruntime_onnx"
 DATATYPES = {"float32": "FP32"}
 # Input values beyond this are neither images nor latents of this model, and could overflow float32 inside it.
 _VALUE_BOUND = 1e6
+# The deepest nesting of `data` read: numpy's limit on an array's dimensions (NPY_MAXDIMS).
+_MAX_DEPTH = 64
 
 
 class ProtocolError(BaseModel):
@@ -94,7 +98,9 @@ class RequestInput(_Strict):
     """One input tensor: `data` (flat or nested, row-major) or `parameters.binary_data_size` bytes."""
 
     name: str
-    shape: list[Annotated[int, Field(ge=0)]]
+    # Checked by `_input_tensor`, not here: pydantic would read true or 16.0 as an integer, and a wrong shape
+    # is a 422 naming the field like the others.
+    shape: list[Any]
     datatype: str
     parameters: dict[str, Any] = Field(default_factory=dict)
     data: list[Any] | None = None
@@ -167,14 +173,28 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=_ProtocolRoute)
 
 
+def _unknown_model(name: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_404_NOT_FOUND, detail=f"model {name!r} is not served here; the models: encoder, decoder"
+    )
+
+
 def _graph(model: Model, name: str) -> OnnxFile:
     """The card's entry for the model called `name`; 404 for any other name."""
     if name == "encoder":
         return model.card.encoder
     if name == "decoder":
         return model.card.decoder
-    raise HTTPException(
-        status.HTTP_404_NOT_FOUND, detail=f"model {name!r} is not served here; the models: encoder, decoder"
+    raise _unknown_model(name)
+
+
+def _no_versions(model_name: str, rest: str) -> HTTPException:
+    """404 for a versioned path (the protocol's optional `/versions/{version}`), naming the path to use."""
+    if model_name not in ("encoder", "decoder"):
+        return _unknown_model(model_name)
+    return HTTPException(
+        status.HTTP_404_NOT_FOUND,
+        detail=f"model versions are not served; use /v2/models/{model_name}{rest}",
     )
 
 
@@ -271,6 +291,29 @@ async def infer(request: Request, model_name: str, model: ModelDep, settings: Se
     return _respond(model_name, query.id, [(name, results[name], as_binary) for name, as_binary in outputs])
 
 
+# The protocol's versioned paths, answered (not offered, so left out of the OpenAPI schema) so that a client
+# naming a version learns that none is served, in the protocol's error shape rather than a bare 404.
+_VERSIONED = "/models/{model_name}/versions/{model_version}"
+
+
+@router.get(_VERSIONED, include_in_schema=False)
+async def versioned_model_metadata(model_name: str, model_version: str) -> Response:
+    """404: no model versions are served."""
+    raise _no_versions(model_name, "")
+
+
+@router.get(f"{_VERSIONED}/ready", include_in_schema=False)
+async def versioned_model_ready(model_name: str, model_version: str) -> Response:
+    """404: no model versions are served."""
+    raise _no_versions(model_name, "/ready")
+
+
+@router.post(f"{_VERSIONED}/infer", include_in_schema=False)
+async def versioned_infer(model_name: str, model_version: str) -> Response:
+    """404: no model versions are served (the body is not read)."""
+    raise _no_versions(model_name, "/infer")
+
+
 async def _split_body(request: Request) -> tuple[bytes, bytes]:
     """(JSON header, binary tensor data) of the request body."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
@@ -280,12 +323,29 @@ async def _split_body(request: Request) -> tuple[bytes, bytes]:
             detail=f"Content-Encoding {encoding!r} is not supported; send the body uncompressed",
         )
     body = await request.body()
-    length = request.headers.get(HEADER_LENGTH)
-    if length is None:
+    value = request.headers.get(HEADER_LENGTH)
+    if value is None:
         return body, b""
-    if not (length.isascii() and length.isdigit()) or int(length) > len(body):
-        raise _invalid(f"{HEADER_LENGTH} is {length!r} but the body has {len(body)} bytes")
-    return body[: int(length)], body[int(length) :]
+    length = _header_length(value, len(body))
+    return body[:length], body[length:]
+
+
+def _header_length(value: str, body_size: int) -> int:
+    """`Inference-Header-Content-Length`: ASCII digits, at most the body's size.
+
+    Spaces and tabs around it are accepted: they are not part of an HTTP field value (RFC 9110, 5.5), and
+    servers such as uvicorn's h11 strip them before the app sees the header, so every server reads the same.
+    Anything else (a sign, inner spaces, other digits than 0-9, nothing) is refused.
+    """
+    digits = value.strip(" \t")
+    if not (digits.isascii() and digits.isdigit()):
+        raise _invalid(f"{HEADER_LENGTH} is {value!r}; it must be a plain non-negative integer")
+    # int() refuses more than 4300 digits (sys.int_max_str_digits); a number with more digits than the body's
+    # size is past the body anyway.
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(body_size)) or int(significant) > body_size:
+        raise _invalid(f"{HEADER_LENGTH} is {value!r} but the body has {body_size} bytes")
+    return int(significant)
 
 
 def _parse(header: bytes) -> InferenceRequest:
@@ -330,6 +390,10 @@ def _input_tensor(
     datatype = DATATYPES[spec.dtype]
     if given.datatype != datatype:
         raise _unrunnable(f"{where}.datatype is {given.datatype}; {model_name}'s {spec.name} is {datatype}")
+    if not all(type(dim) is int and dim >= 0 for dim in given.shape):  # type(): true is an int to isinstance
+        raise _unrunnable(
+            f"{where}.shape is {json.dumps(given.shape)}; it must be a list of non-negative integers"
+        )
     expected = _shape(spec)
     shape: list[int] = given.shape
     if len(shape) != len(expected) or any(
@@ -358,12 +422,7 @@ def _input_tensor(
             raise _invalid(f"{len(binary)} bytes follow the JSON but {where} has no binary_data_size")
         if given.data is None:
             raise _invalid(f"{where} has neither data nor parameters.binary_data_size")
-        try:
-            array = np.asarray(given.data)
-        except ValueError:
-            raise _unrunnable(f"{where}.data is ragged: its nested lists differ in length") from None
-        if array.dtype.kind not in "iuf":
-            raise _unrunnable(f"{where}.data holds something other than numbers")
+        array = _json_numbers(given.data, where, datatype)
         if array.size != count:
             raise _unrunnable(f"{where}.data has {array.size} values; shape {shape} takes {count}")
     if not np.isfinite(array).all():
@@ -371,6 +430,47 @@ def _input_tensor(
     if np.abs(array).max() > _VALUE_BOUND:
         raise _unrunnable(f"{where}.data holds values beyond ±{_VALUE_BOUND:g}")
     return np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+
+
+def _json_numbers(data: list[Any], where: str, datatype: str) -> npt.NDArray[np.float64]:
+    """JSON `data` (flat or nested lists) as an array; 422 unless every value is a number (true is not 1).
+
+    Checked level by level before numpy reads it: numpy would read a boolean among numbers as 1 or 0, and
+    calls data nested past its dimension limit ragged.
+    """
+    depth, level = 1, data
+    while True:
+        deeper: list[Any] = []
+        nested = False  # a list at this level, empty ones included
+        for item in level:
+            if isinstance(item, list):
+                nested = True
+                deeper.extend(item)
+            elif type(item) not in (int, float):  # type(): to isinstance, true is an int
+                raise _unrunnable(
+                    f"{where}.data holds something other than numbers ({_json_kind(item)}); "
+                    f"{datatype} data is JSON numbers"
+                )
+        if not nested:
+            break
+        depth, level = depth + 1, deeper
+    if depth > _MAX_DEPTH:
+        raise _unrunnable(f"{where}.data is nested {depth} lists deep; at most {_MAX_DEPTH} levels are read")
+    try:
+        return np.asarray(data, dtype=np.float64)
+    except ValueError:
+        raise _unrunnable(f"{where}.data is ragged: its nested lists differ in length") from None
+    except OverflowError:  # an integer past float64's range
+        raise _unrunnable(f"{where}.data holds values beyond ±{_VALUE_BOUND:g}") from None
+
+
+def _json_kind(value: Any) -> str:
+    """A JSON value that is neither a number nor a list, as an error message names it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "null"
+    return "a string" if isinstance(value, str) else "an object"
 
 
 def _requested_outputs(query: InferenceRequest, graph: OnnxFile, model_name: str) -> list[tuple[str, bool]]:

@@ -93,6 +93,23 @@ def test_an_unknown_model_is_a_404(client: TestClient, path: str) -> None:
     assert error(client.get(path), 404) == "model 'vae' is not served here; the models: encoder, decoder"
 
 
+@pytest.mark.parametrize(
+    "method, path, unversioned",
+    [
+        ("GET", "/v2/models/decoder/versions/1", "/v2/models/decoder"),
+        ("GET", "/v2/models/encoder/versions/1/ready", "/v2/models/encoder/ready"),
+        ("POST", "/v2/models/decoder/versions/1/infer", "/v2/models/decoder/infer"),
+    ],
+    ids=["metadata", "ready", "infer"],
+)
+def test_versioned_paths_are_a_404_naming_the_unversioned_one(
+    client: TestClient, method: str, path: str, unversioned: str
+) -> None:
+    response = client.request(method, path, json={"inputs": [Z]} if method == "POST" else None)
+    assert error(response, 404) == f"model versions are not served; use {unversioned}"
+    assert error(client.post("/v2/models/vae/versions/1/infer"), 404).startswith("model 'vae' is not served")
+
+
 def test_json_encoder_matches_encode(client: TestClient) -> None:
     x = digit_tensor(range(3))
     response = client.post("/v2/models/encoder/infer", json={"id": "abc", "inputs": [tensor("x", x)]})
@@ -178,14 +195,46 @@ Z = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
         ({"inputs": [{**Z, "shape": [16]}]}, 422, "inputs[0].shape is [16]; decoder's z is [-1, 16]"),
         ({"inputs": [{**Z, "shape": [0, 16]}]}, 422, "inputs[0].shape has a batch of 0"),
         (
+            {"inputs": [{**Z, "shape": [True, 16]}]},
+            422,
+            "inputs[0].shape is [true, 16]; it must be a list of non-negative integers",
+        ),
+        (
+            {"inputs": [{**Z, "shape": [1, 16.0]}]},
+            422,
+            "inputs[0].shape is [1, 16.0]; it must be a list of non-negative integers",
+        ),
+        (
+            {"inputs": [{**Z, "shape": [-1, 16]}]},
+            422,
+            "inputs[0].shape is [-1, 16]; it must be a list of non-negative integers",
+        ),
+        (
             {"inputs": [{**Z, "data": [0.0] * 15}]},
             422,
             "inputs[0].data has 15 values; shape [1, 16] takes 16",
         ),
         ({"inputs": [{**Z, "data": ["0.5"] * 16}]}, 422, "inputs[0].data holds something other than numbers"),
         ({"inputs": [{**Z, "data": [True] * 16}]}, 422, "inputs[0].data holds something other than numbers"),
+        (
+            {"inputs": [{**Z, "data": [True] + [0.0] * 15}]},
+            422,
+            "inputs[0].data holds something other than numbers (true); FP32 data is JSON numbers",
+        ),
+        (
+            {"inputs": [{**Z, "data": [True] * 15 + [0]}]},
+            422,
+            "inputs[0].data holds something other than numbers",
+        ),
+        (
+            {"inputs": [{**Z, "data": [[0.0] * 8, [False] + [0.0] * 7]}]},
+            422,
+            "inputs[0].data holds something other than numbers (false)",
+        ),
+        ({"inputs": [{**Z, "data": [None] + [0.0] * 15}]}, 422, "other than numbers (null)"),
         ({"inputs": [{**Z, "data": [[0.0] * 8, [0.0] * 9]}]}, 422, "inputs[0].data is ragged"),
         ({"inputs": [{**Z, "data": [1e7] * 16}]}, 422, "inputs[0].data holds values beyond ±1e+06"),
+        ({"inputs": [{**Z, "data": [10**400] + [0] * 15}]}, 422, "inputs[0].data holds values beyond ±1e+06"),
         (
             {"inputs": [Z], "outputs": [{"name": "mu"}]},
             422,
@@ -212,11 +261,19 @@ Z = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
         "shape",
         "rank",
         "empty-batch",
+        "boolean-dim",
+        "float-dim",
+        "negative-dim",
         "count",
         "strings",
         "booleans",
+        "boolean-among-floats",
+        "booleans-among-ints",
+        "nested-boolean",
+        "null",
         "ragged",
         "too-large",
+        "integer-past-float64",
         "output-name",
         "shared-memory",
         "no-data",
@@ -227,6 +284,19 @@ Z = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
 )
 def test_bad_requests_are_named(client: TestClient, body: dict[str, Any], status: int, message: str) -> None:
     assert message in error(client.post("/v2/models/decoder/infer", json=body), status)
+
+
+def nested_z(depth: int) -> bytes:
+    """A decoder request whose 16 latents are nested `depth` lists deep (as text: orjson stops at 255)."""
+    data = b"[" * (depth - 1) + orjson.dumps([0.0] * 16) + b"]" * (depth - 1)
+    return b'{"inputs":[{"name":"z","shape":[1,16],"datatype":"FP32","data":' + data + b"}]}"
+
+
+def test_data_nested_past_the_limit_is_refused_for_its_depth(client: TestClient) -> None:
+    headers = {"content-type": "application/json"}
+    assert client.post("/v2/models/decoder/infer", content=nested_z(64), headers=headers).status_code == 200
+    response = client.post("/v2/models/decoder/infer", content=nested_z(65), headers=headers)
+    assert error(response, 422) == "inputs[0].data is nested 65 lists deep; at most 64 levels are read"
 
 
 def test_a_body_that_is_not_json_is_a_400(client: TestClient) -> None:
@@ -247,11 +317,27 @@ def test_binary_sizes_must_add_up(client: TestClient) -> None:
         client.post("/v2/models/decoder/infer", **binary_request(undeclared, z)), 400
     )
     body = binary_request(undeclared)["content"]
-    for length in ("9999", "-1", "²"):  # past the body, negative, a digit that int() does not read
+    for length in ("9999", "1" + "0" * 5000):  # past the body; past the digits int() reads (not a 500)
         wrong = {"content": body, "headers": {HEADER_LENGTH: length.encode()}}
         message = error(client.post("/v2/models/decoder/infer", **wrong), 400)
-        assert message.startswith(f"{HEADER_LENGTH} is ")
-        assert message.endswith(f"but the body has {len(body)} bytes")
+        assert message == f"{HEADER_LENGTH} is {length!r} but the body has {len(body)} bytes"
+    # Negative, a digit that int() does not read, a sign, inner space, nothing.
+    for length in ("-1", "²", "+64", "6 4", ""):
+        wrong = {"content": body, "headers": {HEADER_LENGTH: length.encode()}}
+        message = error(client.post("/v2/models/decoder/infer", **wrong), 400)
+        shown = length.encode().decode("latin-1")  # as the server decodes header bytes
+        assert message == f"{HEADER_LENGTH} is {shown!r}; it must be a plain non-negative integer"
+
+
+def test_spaces_around_the_header_length_are_accepted(client: TestClient) -> None:
+    """As uvicorn's HTTP parser strips them before the app sees the header (RFC 9110, 5.5)."""
+    request = binary_request({"inputs": [Z]})
+    length = request["headers"][HEADER_LENGTH]
+    for padded in (f" {length} ", f"\t{length}"):
+        response = client.post(
+            "/v2/models/decoder/infer", content=request["content"], headers={HEADER_LENGTH: padded}
+        )
+        assert response.status_code == 200, response.text
 
 
 def test_binary_nan_is_refused(client: TestClient) -> None:
