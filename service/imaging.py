@@ -12,7 +12,7 @@ import io
 import math
 import struct
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from functools import lru_cache
 
 import numpy as np
@@ -58,9 +58,15 @@ _PNG_STORE_LIMIT = 4096
 # greyscale (0) for one channel, truecolour (2) and truecolour with alpha (6) for three (libspng has no
 # output for greyscale with alpha; Pillow reads those).
 _SPNG_FORMATS = {(1, 0): "L", (3, 2): "RGB", (3, 6): "RGBA"}
-# Chunk types after which Pillow reads a PNG differently from libspng's plain decode: transparency, and EXIF
-# orientation (its own chunk, or ImageMagick's raw profile or XMP in a text chunk). Such files go to Pillow.
-_PILLOW_CHUNKS = frozenset({b"tRNS", b"eXIf", b"tEXt", b"zTXt", b"iTXt"})
+# Chunk types after which Pillow reads a PNG differently from libspng's plain decode: transparency, EXIF
+# orientation (its own chunk, or ImageMagick's raw profile or XMP in a text chunk), and animation (APNG).
+_PILLOW_CHUNKS = frozenset({b"tRNS", b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"acTL"})
+# Formats whose frames are images of their own (animations, pages): one with more than one frame is refused
+# rather than read as its first. MPO (a JPEG and its previews) and PSD (the layers of one picture) are not.
+_SEQUENCE_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF", "AVIF", "DCX", "FLI"})
+# Resampling along a side by a cached (new size, size) matrix while it has at most this many weights; a
+# longer side goes one output pixel at a time (`_resample_axis`).
+_MATRIX_WEIGHTS = 1 << 16
 # zlib header: deflate, 32 KiB window, no dictionary, check bits (RFC 1950).
 _ZLIB_HEADER = b"\x78\x01"
 
@@ -97,6 +103,11 @@ def read_pixels(
                 raise ImageTooLarge(
                     f"is {width}x{height} pixels, more than the {max_pixels} this server decodes "
                     "(VAE_MAX_IMAGE_PIXELS)"
+                )
+            frames = getattr(opened, "n_frames", 1)
+            if frames > 1 and opened.format in _SEQUENCE_FORMATS:
+                raise ImageError(
+                    f"is a {opened.format} of {frames} frames; send each frame as an image of its own"
                 )
             ImageOps.exif_transpose(opened, in_place=True)  # the upload's own copy: no second one
             return _as_floats(opened, spec.channels, light_background)
@@ -181,19 +192,30 @@ def _intact_plain_chunks(data: bytes) -> bool:
 def _as_floats(image: Image.Image, channels: int, light_background: bool) -> Floats:
     """(H, W, channels) in [0, 1], alpha composited onto the background."""
     if image.mode in _HIGH_DEPTH:
-        grey = np.asarray(image, dtype=np.float32) / np.float32(_HIGH_DEPTH[image.mode])
-        return np.repeat(np.clip(grey, 0.0, 1.0)[:, :, None], channels, axis=2)
+        levels = np.asarray(image)
+        grey = levels.astype(np.float32) / np.float32(_HIGH_DEPTH[image.mode])
+        if not np.isfinite(grey).all():  # a float image (mode F) may hold anything
+            raise ImageError("has pixels that are not finite numbers (NaN or infinity)")
+        np.clip(grey, 0.0, 1.0, out=grey)
+        transparent = image.info.get("transparency")
+        if isinstance(transparent, int):  # a 16-bit greyscale PNG's tRNS: the one level that is transparent
+            grey[levels == transparent] = np.float32(light_background)
+        return np.repeat(grey[:, :, None], channels, axis=2)
     has_alpha = image.has_transparency_data
-    if has_alpha and image.mode not in ("LA", "RGBA"):
-        image = image.convert("RGBA")  # palette transparency, "PA", "La", "RGBa" ...
     target = {(1, False): "L", (1, True): "LA", (3, False): "RGB", (3, True): "RGBA"}[(channels, has_alpha)]
-    converted = image if image.mode == target else image.convert(target)
+    try:
+        if has_alpha and image.mode not in ("LA", "RGBA"):
+            image = image.convert("RGBA")  # palette transparency, "PA", "La", "RGBa" ...
+        converted = image if image.mode == target else image.convert(target)
+    except ValueError as error:  # a mode Pillow has no conversion for (LAB, HSV ...)
+        raise ImageError(f"is in colour mode {image.mode}, which cannot be converted to {target}") from error
     return _composited(np.asarray(converted), channels, light_background)
 
 
 def _composited(levels: npt.NDArray[np.uint8], channels: int, light_background: bool) -> Floats:
     """8-bit (H, W) or (H, W, channels [+ alpha]) -> (H, W, channels) in [0, 1], alpha over the background."""
-    array = levels.astype(np.float32) / np.float32(255.0)
+    array = levels.astype(np.float32)
+    array /= np.float32(255.0)
     if array.ndim == 2:
         return array[:, :, None]
     if array.shape[2] == channels:
@@ -207,21 +229,25 @@ def _resize(pixels: Floats, height: int, width: int) -> Floats:
     """(N, C, H, W) -> (N, C, height, width): box filter when shrinking (area average), else bilinear.
 
     Pillow's resampling (the weights of its BOX and BILINEAR filters), done as two small matrix products:
-    (H', H) @ (N, C, H, W) @ (W, W'), with the matrices computed once per size.
+    (H', H) @ (N, C, H, W) @ (W, W'), with the matrices computed once per size. A side too long for a
+    matrix (a 1 x 16 million image would need one of 512 MB) is resampled one output pixel at a time.
     """
     if pixels.shape[2:] == (height, width):
         return pixels
     box = pixels.shape[2] >= height and pixels.shape[3] >= width
-    rows = _resampling(pixels.shape[2], height, box)
-    columns = _resampling(pixels.shape[3], width, box)
-    resized: Floats = (rows @ pixels @ columns.T).astype(np.float32, copy=False)
+    if pixels.shape[2] * height <= _MATRIX_WEIGHTS and pixels.shape[3] * width <= _MATRIX_WEIGHTS:
+        rows = _resampling(pixels.shape[2], height, box)
+        columns = _resampling(pixels.shape[3], width, box)
+        resized: Floats = (rows @ pixels @ columns.T).astype(np.float32, copy=False)
+    else:
+        resized = _resample_axis(_resample_axis(pixels, 2, height, box), 3, width, box)
     np.clip(resized, 0.0, 1.0, out=resized)
     return resized
 
 
-@lru_cache(maxsize=64)
-def _resampling(size: int, new_size: int, box: bool) -> Floats:
-    """(new_size, size) weights of Pillow's BOX or BILINEAR filter along one axis, as float32.
+def _taps(size: int, new_size: int, box: bool) -> Iterator[tuple[int, npt.NDArray[np.float64]]]:
+    """Pillow's BOX or BILINEAR filter along one axis: per output pixel, its first input pixel and weights
+    (one output pixel's at a time: those of a long side take memory).
 
     As Pillow's `precompute_coeffs` (libImaging/Resample.c): each output pixel's centre in input
     coordinates, the filter widened by the scale when shrinking, the taps it covers, normalised to sum 1.
@@ -229,16 +255,33 @@ def _resampling(size: int, new_size: int, box: bool) -> Floats:
     scale = size / new_size
     widen = max(scale, 1.0)
     support = (0.5 if box else 1.0) * widen
-    weights = np.zeros((new_size, size))
     for i in range(new_size):
         centre = (i + 0.5) * scale
         first = max(int(centre - support + 0.5), 0)
         stop = min(int(centre + support + 0.5), size)
         x = (np.arange(first, stop) - centre + 0.5) / widen
-        taps = ((x > -0.5) & (x <= 0.5)).astype(np.float64) if box else np.maximum(1.0 - np.abs(x), 0.0)
-        total = taps.sum()
-        weights[i, first:stop] = taps / total if total else taps
-    return weights.astype(np.float32)
+        weights = ((x > -0.5) & (x <= 0.5)).astype(np.float64) if box else np.maximum(1.0 - np.abs(x), 0.0)
+        total = weights.sum()
+        yield first, weights / total if total else weights
+
+
+@lru_cache(maxsize=64)
+def _resampling(size: int, new_size: int, box: bool) -> Floats:
+    """(new_size, size) matrix of `_taps`, as float32; at most _MATRIX_WEIGHTS of them, so the cache stays
+    small (64 of 256 KiB at most)."""
+    matrix = np.zeros((new_size, size))
+    for i, (first, weights) in enumerate(_taps(size, new_size, box)):
+        matrix[i, first : first + len(weights)] = weights
+    return matrix.astype(np.float32)
+
+
+def _resample_axis(pixels: Floats, axis: int, new_size: int, box: bool) -> Floats:
+    """`pixels` resampled along `axis` to `new_size`, an output pixel at a time: memory of the pixels only."""
+    along = np.moveaxis(pixels, axis, -1)
+    out = np.empty((*along.shape[:-1], new_size), dtype=np.float32)
+    for i, (first, weights) in enumerate(_taps(along.shape[-1], new_size, box)):
+        out[..., i] = along[..., first : first + len(weights)] @ weights.astype(np.float32)
+    return np.moveaxis(out, -1, axis)
 
 
 def to_pngs(images: npt.NDArray[np.floating], scale: int = 1) -> list[bytes]:

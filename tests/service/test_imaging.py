@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -225,6 +226,56 @@ def test_corrupt_pngs_are_refused(chunk: bytes, offset: int, message: str) -> No
         read_pixels(corrupted(data, data.index(chunk) + offset), GREY)
 
 
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+def test_float_images_with_pixels_that_are_not_numbers_are_refused(value: float) -> None:
+    pixels = np.full((8, 8), 128.0, dtype=np.float32)
+    pixels[3, 5] = value
+    with pytest.raises(ImageError, match="has pixels that are not finite numbers"):
+        read_pixels(encoded(Image.fromarray(pixels), "TIFF"), GREY)
+
+
+@pytest.mark.parametrize(
+    ("spec", "background"), [(GREY, 0.0), (DARK, 1.0)], ids=["light-model", "dark-model"]
+)
+def test_transparency_of_a_16_bit_greyscale_png_is_honoured(spec: InputSpec, background: float) -> None:
+    levels = (RAMP.astype(np.uint16) * 257).astype(np.uint16)
+    x = load_image(encoded(Image.fromarray(levels), transparency=int(levels[4, 0])), spec)
+    expected = RAMP[None] / 255.0
+    expected[:, 4, 0] = background  # the one pixel of that level
+    np.testing.assert_allclose(x, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG", "TIFF", "WEBP"])
+def test_images_of_several_frames_are_refused(fmt: str) -> None:
+    """An animation or a multi-page file is several images: none of its frames is dropped silently."""
+    first, *rest = [Image.fromarray(np.full((8, 8), level, dtype=np.uint8)) for level in (0, 255, 128)]
+    data = encoded(first, fmt, save_all=True, append_images=rest)
+    with pytest.raises(ImageError, match=f"is a {fmt} of 3 frames; send each frame as an image of its own"):
+        read_pixels(data, GREY)
+    np.testing.assert_array_equal(read_pixels(encoded(first, fmt, save_all=True), GREY), 0.0)  # one frame
+
+
+def test_a_mode_that_cannot_be_converted_is_named() -> None:
+    with pytest.raises(ImageError, match="is in colour mode LAB, which cannot be converted to L$"):
+        read_pixels(encoded(Image.new("LAB", (8, 8)), "TIFF"), GREY)
+
+
+def test_a_long_thin_image_takes_memory_of_its_pixels_only() -> None:
+    """A 1 x 2^20 PNG (1 KiB of upload) to 8x8: 4 MiB of floats; resampling must not build a matrix of its
+    side (64 MiB), and nothing of it may stay behind in a cache."""
+    side = 1 << 20
+    data = png(np.full((side, 1), 128, dtype=np.uint8))
+    tracemalloc.start()
+    try:
+        x = load_image(data, GREY)
+        held, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    np.testing.assert_allclose(x, 128 / 255, atol=1e-6)
+    assert peak < 6 * 4 * side  # the pixels as floats, and their copies on the way (18 MiB measured)
+    assert held < 1 << 20
+
+
 def read_by_pillow(data: bytes) -> Floats | None:
     """A greyscale PNG as Pillow alone reads it, (H, W, 1) in [0, 1]; None where Pillow refuses it."""
     try:
@@ -342,8 +393,16 @@ def test_small_pngs_are_stored_and_large_ones_deflated() -> None:
 
 @pytest.mark.parametrize(
     ("size", "new_size"),
-    [((28, 28), (8, 8)), ((37, 19), (8, 8)), ((300, 200), (28, 28)), ((8, 8), (28, 28)), ((5, 30), (8, 8))],
-    ids=["28-to-8", "odd-shrink", "large-shrink", "enlarge", "mixed"],
+    [
+        ((28, 28), (8, 8)),
+        ((37, 19), (8, 8)),
+        ((300, 200), (28, 28)),
+        ((8, 8), (28, 28)),
+        ((5, 30), (8, 8)),
+        ((20011, 9), (8, 8)),  # sides too long for a resampling matrix: resampled pixel by pixel
+        ((3, 30011), (28, 28)),
+    ],
+    ids=["28-to-8", "odd-shrink", "large-shrink", "enlarge", "mixed", "long-shrink", "long-mixed"],
 )
 def test_resizing_matches_pillows_float_resampling(size: tuple[int, int], new_size: tuple[int, int]) -> None:
     pixels = np.random.default_rng(1).random((*size, 1), dtype=np.float32)
