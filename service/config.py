@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     # Largest image, in pixels (width x height), that is decoded; bigger ones are refused from their
     # header, before decompression (413). Pillow's own guard refuses past 179 million whatever this says.
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    # Most pixels one request's images may have together: bounds the memory and the event loop's time that
+    # decoding one request takes (64 images of 4096 x 4096 would be 4 GiB of floats). Past it 413.
+    max_request_pixels: int = Field(default=4096 * 4096, ge=1)
     # Requests handled at once (/health and /ready aside); beyond it a request gets 503 with Retry-After
     # at once instead of waiting in a queue.
     max_in_flight: int = Field(default=128, ge=1)

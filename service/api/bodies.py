@@ -222,12 +222,18 @@ def parse_json(model: type[M], body: bytes) -> M:
 
 
 def decode_images(
-    body: bytes | list[Upload], spec: InputSpec, *, invert: bool, limit: int, max_pixels: int
+    body: bytes | list[Upload],
+    spec: InputSpec,
+    *,
+    invert: bool,
+    limit: int,
+    max_pixels: int,
+    max_request_pixels: int,
 ) -> imaging.Floats:
     """(N, C, H, W) model tensors from JSON `{"images": [...]}` bytes or multipart uploads.
 
     422 past `limit` images; 400 naming the first empty or unreadable one, 413 the first of more than
-    `max_pixels` pixels.
+    `max_pixels` pixels and the one that brings the images past `max_request_pixels` together.
     """
     if isinstance(body, bytes):
         field = "images"
@@ -240,16 +246,24 @@ def decode_images(
         raise validation_error(
             ("body", field), f"{len(uploads)} images sent; this server takes at most {limit} per request"
         )
-    decoded = []
+    decoded, pixels = [], 0
     for upload in uploads:
         try:
-            decoded.append(imaging.read_pixels(upload.data, spec, invert=invert, max_pixels=max_pixels))
+            image = imaging.read_pixels(upload.data, spec, invert=invert, max_pixels=max_pixels)
         except imaging.ImageTooLarge as error:
             raise HTTPException(
                 status.HTTP_413_CONTENT_TOO_LARGE, detail=f"{upload.label} {error}"
             ) from error
         except imaging.ImageError as error:
             raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"{upload.label} {error}") from error
+        pixels += image.shape[0] * image.shape[1]
+        if pixels > max_request_pixels:
+            raise HTTPException(
+                status.HTTP_413_CONTENT_TOO_LARGE,
+                detail=f"{upload.label} brings the request's images to {pixels} pixels, more than the "
+                f"{max_request_pixels} this server decodes in one request (VAE_MAX_REQUEST_PIXELS)",
+            )
+        decoded.append(image)
     return imaging.to_model(decoded, spec, invert=invert)
 
 

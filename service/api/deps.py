@@ -69,9 +69,9 @@ def served(request: Request, options: type[OptionsT]) -> tuple[Model, Settings, 
     """
     model: Model = _from_lifespan(request, "model")
     settings: Settings = _from_lifespan(request, "settings")
-    # Last value of a repeated name wins. FastAPI has parsed the query string already (for the route's own
-    # query parameters, none here), and the request keeps what it parsed.
-    return model, settings, parse_query(options, dict(request.query_params), settings)
+    # FastAPI has parsed the query string already (for the route's own query parameters, none here), and
+    # the request keeps what it parsed.
+    return model, settings, parse_query(options, request.query_params.multi_items(), settings)
 
 
 def body_images(
@@ -84,6 +84,7 @@ def body_images(
         invert=invert,
         limit=settings.max_images if limit is None else limit,
         max_pixels=settings.max_image_pixels,
+        max_request_pixels=settings.max_request_pixels,
     )
 
 

@@ -4,17 +4,20 @@ FastAPI resolves each query parameter and each dependency on its own: with a han
 spends more time there than in this model's inference. So each route takes its options as one model,
 validated by pydantic-core straight from the query string (`parse_query`). Bounds that come from the server's
 settings (VAE_MAX_*) are checked in the same pass, the settings being the validation context. Errors are 422s
-located in the query, shaped like FastAPI's own; unknown parameters are ignored and a repeated one counts
-once, with its last value, as FastAPI does. `parameters(model)` documents the options in OpenAPI.
+located in the query, shaped like FastAPI's own. Unlike FastAPI, an unknown parameter (`temprature=0`) and a
+repeated one (`n=abc&n=3`) are errors too: a typo would otherwise be served the defaults without a word.
+`parameters(model)` documents the options in OpenAPI.
 """
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from typing import Annotated, Any, TypeVar
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from service.api.responses import ImageFormat
 from service.config import Settings
@@ -107,7 +110,7 @@ Method = Annotated[
 class Options(BaseModel):
     """A route's query-string options."""
 
-    model_config = ConfigDict(extra="ignore", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class SampleOptions(Options):
@@ -167,15 +170,36 @@ class InterpolateOptions(Options):
 OptionsT = TypeVar("OptionsT", bound=Options)
 
 
-def parse_query(model: type[OptionsT], query: dict[str, str], settings: Settings) -> OptionsT:
-    """The options in `query` (name -> last value); a 422 naming each one that is wrong."""
+def parse_query(model: type[OptionsT], query: Sequence[tuple[str, str]], settings: Settings) -> OptionsT:
+    """The options in `query` ((name, value) pairs in order); a 422 naming each one that is wrong, unknown
+    to the route or given more than once."""
+    given = dict(query)
+    repeated = _repeated(query) if len(given) < len(query) else []
     try:
-        return model.model_validate(query, context={"settings": settings})
+        options = model.model_validate(given, context={"settings": settings})
     except ValidationError as error:
-        details = error.errors(include_url=False, include_input=False, include_context=False)
-        raise RequestValidationError(
-            [{**detail, "loc": ("query", *detail["loc"])} for detail in details]
-        ) from None
+        wrong = [_located(detail, model) for detail in error.errors(include_url=False, include_input=False)]
+        raise RequestValidationError(wrong + repeated) from None
+    if repeated:
+        raise RequestValidationError(repeated)
+    return options
+
+
+def _repeated(query: Sequence[tuple[str, str]]) -> list[dict[str, Any]]:
+    counts = Counter(name for name, _ in query)
+    return [
+        {"type": "value_error", "loc": ("query", name), "msg": f"{name} is given {count} times; give it once"}
+        for name, count in counts.items()
+        if count > 1
+    ]
+
+
+def _located(detail: ErrorDetails, model: type[Options]) -> dict[str, Any]:
+    """A pydantic error as a query parameter's, an unknown parameter's message naming the known ones."""
+    located: dict[str, Any] = {"type": detail["type"], "loc": ("query", *detail["loc"]), "msg": detail["msg"]}
+    if detail["type"] == "extra_forbidden":
+        located["msg"] = f"unknown option; this endpoint takes {', '.join(model.model_fields)}"
+    return located
 
 
 def parameters(model: type[Options]) -> dict[str, Any]:

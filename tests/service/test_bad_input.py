@@ -26,6 +26,7 @@ from tests.service.helpers import b64, detail, digit_png, png, truncated_png
 
 BODY_LIMIT = 256 * 1024
 PIXEL_LIMIT = 256 * 256
+REQUEST_PIXEL_LIMIT = PIXEL_LIMIT + PIXEL_LIMIT // 2
 MARKER = "MARKER-5e1f0c77"
 JSON = {"content-type": "application/json"}
 D = 16  # the default model's latent_dim
@@ -128,6 +129,23 @@ CASES = [
         413,
         f"file 0 ('wide.png') is 1000x100 pixels, more than the {PIXEL_LIMIT} this server decodes",
         request=upload("wide.png", png(np.zeros((100, 1000), dtype=np.uint8))),
+    ),
+    Case(
+        "pixels-of-the-request-over-the-setting",
+        "POST",
+        "/encode",
+        413,
+        f"file 1 ('b.png') brings the request's images to {2 * PIXEL_LIMIT} pixels, more than the "
+        f"{REQUEST_PIXEL_LIMIT} this server decodes in one request (VAE_MAX_REQUEST_PIXELS)",
+        request={
+            "files": [
+                (
+                    "files",
+                    (name, png(np.zeros((256, 256), dtype=np.uint8)), "image/png"),
+                )
+                for name in ("a.png", "b.png")  # each at the limit of one image
+            ]
+        },
     ),
     Case(
         "bomb-interpolate",
@@ -535,7 +553,12 @@ CASES = [
 @pytest.fixture(scope="module")
 def strict(settings: Settings) -> Iterator[TestClient]:
     """One app with small limits for the whole corpus."""
-    update = {**LIMITS, "max_body_bytes": BODY_LIMIT, "max_image_pixels": PIXEL_LIMIT}
+    update = {
+        **LIMITS,
+        "max_body_bytes": BODY_LIMIT,
+        "max_image_pixels": PIXEL_LIMIT,
+        "max_request_pixels": REQUEST_PIXEL_LIMIT,
+    }
     with TestClient(create_app(settings.model_copy(update=update))) as client:
         yield client
 

@@ -16,13 +16,20 @@ from tests.service.helpers import body, detail, messages
 
 
 def test_defaults_and_types(settings: Settings) -> None:
-    options = parse_query(SampleOptions, {"n": "3", "temperature": "0.5", "format": "npy"}, settings)
+    options = parse_query(SampleOptions, [("n", "3"), ("temperature", "0.5"), ("format", "npy")], settings)
     assert options == SampleOptions(n=3, seed=None, temperature=0.5, format="npy", scale=1)
 
 
-def test_unknown_parameters_are_ignored_and_a_repeated_one_takes_its_last_value(client: TestClient) -> None:
-    result = body(client.get("/sample?n=1&n=2&seed=0&colour=blue&format=array"), SampleResponse)
-    assert len(result.latents) == 2
+def test_unknown_and_repeated_parameters_are_refused(client: TestClient) -> None:
+    """A misspelt option would otherwise be served its default without a word; a repeated one, which value?"""
+    assert messages(client.get("/sample?n=abc&n=2&seed=0&temprature=0&format=array")) == [
+        (("query", "temprature"), "unknown option; this endpoint takes n, seed, temperature, format, scale"),
+        (("query", "n"), "n is given 2 times; give it once"),
+    ]
+    assert messages(client.post("/encode?sample=4", files={"files": ("a.png", b"", "image/png")})) == [
+        (("query", "sample"), "unknown option; this endpoint takes invert, samples, seed"),
+    ]
+    assert len(body(client.get("/sample?n=2&seed=0&format=array"), SampleResponse).latents) == 2
 
 
 def test_every_bad_option_is_reported_at_once(limited: TestClient) -> None:
