@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     access_log: bool = True
     # Largest request body in bytes, checked on Content-Length and counted while it streams in (413).
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    # Seconds a request's body may take to arrive, from the route's first read of it; past it 408, and the
+    # request's place among max_in_flight is freed (a client that stalls mid-body would otherwise hold it).
+    body_timeout: float = Field(default=30.0, gt=0, allow_inf_nan=False)
     # Largest image, in pixels (width x height), that is decoded; bigger ones are refused from their
     # header, before decompression (413). Pillow's own guard refuses past 179 million whatever this says.
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)

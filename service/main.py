@@ -8,7 +8,7 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from fastapi import FastAPI, Request, Response, status
 from fastapi.exceptions import RequestValidationError
@@ -23,7 +23,7 @@ from service.logs import configure_logging
 from service.metrics import Metrics
 from service.runtime import Model, load_model
 
-__all__ = ["State", "create_app"]
+__all__ = ["MAX_ERRORS", "State", "create_app"]
 
 # The cyclic collector's first threshold: allocations (net of frees) of tracked objects between two young
 # collections. Python's 700 is crossed whenever a few dozen requests wait at once (each holds its coroutines,
@@ -32,6 +32,10 @@ __all__ = ["State", "create_app"]
 # request paths, refusals included, leave no reference cycles behind: a larger threshold only lets the rare
 # cycle wait longer for its collection.
 _YOUNG_COLLECTION_THRESHOLD = 20_000
+# Most errors a 422 lists, in the order found; one more entry counts the rest. A body can hold thousands of
+# wrong values, each its own error (bodies of far more values are refused before validation, in
+# `service.api.bodies`), and a list of them all helps no one: the first ones show what is wrong.
+MAX_ERRORS = 20
 
 
 class State(TypedDict):
@@ -53,13 +57,34 @@ async def _internal_error(request: Request, error: Exception) -> Response:
 
 
 async def _invalid_request(request: Request, error: Exception) -> Response:
-    """422 as a list of `{"type", "loc", "msg"}`: FastAPI's own, less the input it would echo back."""
+    """422 as a list of `{"type", "loc", "msg"}`: FastAPI's own, less the input it would echo back; at most
+    `MAX_ERRORS` of them, then one `too_many_errors` entry that says how many more there are."""
     assert isinstance(error, RequestValidationError)
     fields = ("type", "loc", "msg")
-    return NumpyJSONResponse(
-        {"detail": [{key: entry[key] for key in fields} for entry in error.errors()]},
-        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-    )
+    entries = error.errors()
+    listed: list[dict[str, Any]] = [{key: entry[key] for key in fields} for entry in entries[:MAX_ERRORS]]
+    rest = entries[MAX_ERRORS:]
+    if rest:
+        more = f"{len(rest)} more error{'s' if len(rest) > 1 else ''}"
+        listed.append(
+            {
+                "type": "too_many_errors",
+                "loc": _shared_loc([entry["loc"] for entry in rest]),
+                "msg": f"and {more}, not listed: a 422 lists the first {MAX_ERRORS}",
+            }
+        )
+    return NumpyJSONResponse({"detail": listed}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
+
+
+def _shared_loc(locs: list[tuple[str | int, ...]]) -> list[str | int]:
+    """The longest start that every loc has (`["body", "latents"]`): where the errors left out are."""
+    shared = list(locs[0])
+    for loc in locs[1:]:
+        same = 0
+        while same < min(len(shared), len(loc)) and shared[same] == loc[same]:
+            same += 1
+        del shared[same:]
+    return shared
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -6,8 +6,10 @@ Each case is sent to one app with small limits, in order; after all of them the 
 
 from __future__ import annotations
 
+import gzip
 import io
 import struct
+import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ from fastapi.testclient import TestClient
 
 from service import imaging
 from service.config import Settings
-from service.main import create_app
+from service.main import MAX_ERRORS, create_app
 from service.model_card import ModelCard
 from tests.service.conftest import LIMITS
 from tests.service.helpers import b64, detail, digit_png, png, truncated_png
@@ -60,6 +62,12 @@ def jpeg_with_garbage() -> bytes:
 
 def upload(name: str, data: bytes, content_type: str = "image/png") -> dict[str, Any]:
     return {"files": [("files", (name, data, content_type))]}
+
+
+def multipart_body(filename: str, data: bytes) -> bytes:
+    """One image file in a part named `files`, as multipart/form-data bytes with the boundary `b`."""
+    head = f'--b\r\nContent-Disposition: form-data; name="files"; filename="{filename}"\r\n'
+    return head.encode() + b"Content-Type: image/png\r\n\r\n" + data + b"\r\n--b--\r\n"
 
 
 def latents(*vectors: Any) -> bytes:
@@ -547,6 +555,58 @@ CASES = [
         "file 0 ('" + "n" * 64 + "'...) is not an image format Pillow can read",
         request=upload("n" * 1000, MARKER.encode()),
     ),
+    # Compressed bodies: refused by their Content-Encoding, never misread as bad JSON or multipart, and a
+    # plain body labelled compressed is not taken either.
+    Case(
+        "gzip-json",
+        "POST",
+        "/decode",
+        415,
+        "Content-Encoding 'gzip' is not supported; send the body uncompressed (this server takes only "
+        "identity bodies)",
+        request={
+            "content": gzip.compress(latents(ZEROS)),
+            "headers": {**JSON, "content-encoding": "gzip"},
+        },
+    ),
+    Case(
+        "gzip-multipart",
+        "POST",
+        "/encode",
+        415,
+        "Content-Encoding 'gzip' is not supported;",
+        request={
+            "content": gzip.compress(multipart_body("a.png", digit_png(0))),
+            "headers": {"content-type": "multipart/form-data; boundary=b", "content-encoding": "gzip"},
+        },
+    ),
+    Case(
+        "plain-json-labelled-br",
+        "POST",
+        "/kl",
+        415,
+        "Content-Encoding 'br' is not supported;",
+        request={"json": {"mu": [0.0] * D, "logvar": [0.0] * D}, "headers": {"content-encoding": "br"}},
+    ),
+    Case(
+        "plain-json-labelled-gzip-after-identity",
+        "POST",
+        "/interpolate",
+        415,
+        "Content-Encoding 'identity, GZIP' is not supported;",
+        request={
+            "json": {"latents": [[0.0] * D, [1.0] * D]},
+            "headers": {"content-encoding": "identity, GZIP"},
+        },
+    ),
+    Case(
+        "plain-multipart-labelled-gzip",
+        "POST",
+        "/reconstruct",
+        415,
+        "Content-Encoding 'gzip' is not supported;",
+        request={**upload("a.png", digit_png(0)), "headers": {"content-encoding": "gzip"}},
+    ),
 ]
 
 
@@ -598,3 +658,84 @@ def test_pillow_guard_backs_up_the_setting() -> None:
         imaging.ImageTooLarge, match=r"is too large to decode \(Image size \(400000000 pixels\)"
     ):
         imaging.read_pixels(bomb_png(), spec)
+
+
+# Many errors: a 422 lists the first MAX_ERRORS and counts the rest; a body of far more values than any
+# request within the limits holds is refused before pydantic builds an error for each.
+
+
+def test_a_422_lists_the_first_errors_and_counts_the_rest(strict: TestClient) -> None:
+    count = 3 * D  # every value of three latents is a string
+    entries = detail(strict.post("/decode", json={"latents": [["x"] * D] * 3}), 422)
+    assert entries[:MAX_ERRORS] == [
+        {
+            "type": "float_type",
+            "loc": ["body", "latents", i // D, i % D],
+            "msg": "Input should be a valid number",
+        }
+        for i in range(MAX_ERRORS)
+    ]
+    assert entries[MAX_ERRORS:] == [
+        {
+            "type": "too_many_errors",
+            "loc": ["body", "latents"],
+            "msg": f"and {count - MAX_ERRORS} more errors, not listed: a 422 lists the first {MAX_ERRORS}",
+        }
+    ]
+
+
+def test_errors_found_after_validation_are_capped_too(client: TestClient) -> None:
+    """The route's own checks (here each latent's length) go through the same cap."""
+    entries = detail(client.post("/decode", json={"latents": [[0.0] * 3] * (MAX_ERRORS + 1)}), 422)
+    assert [entry["msg"] for entry in entries[:MAX_ERRORS]] == [
+        f"latent {i} has 3 values; this model takes {D}" for i in range(MAX_ERRORS)
+    ]
+    assert entries[MAX_ERRORS:] == [
+        {
+            "type": "too_many_errors",
+            "loc": ["body", "latents", MAX_ERRORS],
+            "msg": f"and 1 more error, not listed: a 422 lists the first {MAX_ERRORS}",
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("url", "field", "around"),
+    [("/decode", "latents", ("[[", "]]")), ("/kl", "mu", ("[", "]")), ("/encode", "images", ("[", "]"))],
+    ids=["read-json", "read-body", "images"],
+)
+def test_far_more_values_than_the_limits_are_refused_unvalidated(
+    strict: TestClient, url: str, field: str, around: tuple[str, str]
+) -> None:
+    # 60 000 strings in 240 kB, within the body limit. The most a request within LIMITS holds: the mu and
+    # logvar of 3 posteriors and a target, and 2 images; twice that is refused.
+    values = ",".join(['"x"'] * 60_000)
+    body = f'{{"{field}": {around[0]}{values}{around[1]}}}'.encode()
+    most = 2 * (2 * (LIMITS["max_latents"] + 1) * D + 2 * LIMITS["max_images"])
+    response = strict.post(url, content=body, headers=JSON)
+    assert detail(response, 422) == [
+        {
+            "type": "too_many_values",
+            "loc": ["body"],
+            "msg": f"the body holds more than {most} values; requests within this server's limits "
+            f"(VAE_MAX_LATENTS, VAE_MAX_IMAGES) hold at most {most // 2}",
+        }
+    ]
+
+
+def test_sixteen_mib_of_wrong_values_is_answered_at_once(client: TestClient) -> None:
+    """4 194 000 strings for numbers, the most the default body limit takes: validated one by one, they took
+    30 s of the event loop, 6 GB and a 400 MB answer of an error each."""
+    body = b'{"latents": [[' + b",".join([b'"x"'] * 4_194_000) + b"]]}"
+    start = time.perf_counter()
+    response = client.post("/decode", content=body, headers=JSON)
+    assert time.perf_counter() - start < 5.0
+    assert [entry["type"] for entry in detail(response, 422)] == ["too_many_values"]
+    assert len(response.content) < 400
+
+
+def test_identity_is_no_content_encoding(strict: TestClient) -> None:
+    headers = {"content-encoding": "Identity"}
+    assert strict.post("/decode", json={"latents": [[0.0] * D]}, headers=headers).status_code == 200
+    encoded = strict.post("/encode", files={"files": ("a.png", digit_png(0), "image/png")}, headers=headers)
+    assert encoded.status_code == 200

@@ -76,6 +76,16 @@ def test_counts_must_be_positive(env: pytest.MonkeyPatch, name: str) -> None:
         Settings()
 
 
+def test_body_timeout_is_seconds_above_zero(env: pytest.MonkeyPatch) -> None:
+    assert Settings().body_timeout == 30.0
+    env.setenv("VAE_BODY_TIMEOUT", "2.5")
+    assert Settings().body_timeout == 2.5
+    for value in ("0", "-1", "inf", "nan"):
+        env.setenv("VAE_BODY_TIMEOUT", value)
+        with pytest.raises(ValidationError, match="body_timeout"):
+            Settings()
+
+
 def test_get_settings_reads_the_environment_once(env: pytest.MonkeyPatch) -> None:
     get_settings.cache_clear()
     try:

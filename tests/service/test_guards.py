@@ -155,6 +155,105 @@ def test_requests_past_the_in_flight_limit_get_503_at_once(settings: Settings) -
     asyncio.run(scenario())
 
 
+# Body timeout
+
+TIMEOUT = 0.2
+
+
+@pytest.mark.parametrize(
+    ("url", "content_type", "start"),
+    [
+        ("/decode", "application/json", b'{"latents": [['),
+        ("/kl", "application/json", b'{"mu": ['),
+        (
+            "/encode",
+            "multipart/form-data; boundary=b",
+            b'--b\r\nContent-Disposition: form-data; name="files"',
+        ),
+    ],
+    ids=["json", "json-or-multipart", "multipart"],
+)
+def test_a_body_that_stalls_gets_408_and_frees_its_place(
+    settings: Settings, url: str, content_type: str, start: bytes
+) -> None:
+    """The client sends the start of the body and then nothing: 408 after VAE_BODY_TIMEOUT, and the one place
+    in flight, held meanwhile, is free again."""
+    app = create_app(settings.model_copy(update={"max_in_flight": 1, "body_timeout": TIMEOUT}))
+
+    async def scenario() -> None:
+        never = asyncio.Event()
+
+        async def stalled_body() -> Any:
+            yield start
+            await never.wait()  # the rest never comes
+
+        async with app.router.lifespan_context(app) as state:
+            transport = httpx2.ASGITransport(app=with_state(app, state))
+            async with httpx2.AsyncClient(transport=transport, base_url="http://test") as client:
+                loop = asyncio.get_running_loop()
+                began = loop.time()
+                stalled = asyncio.create_task(
+                    client.post(url, content=stalled_body(), headers={"content-type": content_type})
+                )
+                await asyncio.sleep(TIMEOUT / 4)
+                assert (await client.get("/sample?n=1")).status_code == 503  # the stalled request holds it
+                response = await asyncio.wait_for(stalled, TIMEOUT + 5)  # a failure, not a hang, without it
+                assert TIMEOUT <= loop.time() - began < TIMEOUT + 1.0
+                assert detail(response, 408) == (
+                    f"the request body did not arrive within {TIMEOUT:g} seconds (VAE_BODY_TIMEOUT)"
+                )
+                assert response.headers["connection"] == "close"
+                assert (await client.get("/sample?n=1")).status_code == 200  # the place is free again
+
+    asyncio.run(scenario())
+
+
+def test_a_v2_body_that_stalls_gets_408_in_the_protocols_error_shape(settings: Settings) -> None:
+    app = create_app(settings.model_copy(update={"body_timeout": TIMEOUT}))
+
+    async def scenario() -> None:
+        async def stalled_body() -> Any:
+            yield b'{"inputs": ['
+            await asyncio.Event().wait()
+
+        async with app.router.lifespan_context(app) as state:
+            transport = httpx2.ASGITransport(app=with_state(app, state))
+            async with httpx2.AsyncClient(transport=transport, base_url="http://test") as client:
+                posted = client.post(
+                    "/v2/models/decoder/infer",
+                    content=stalled_body(),
+                    headers={"content-type": "application/json"},
+                )
+                response = await asyncio.wait_for(posted, TIMEOUT + 5)  # a failure, not a hang, without it
+                assert response.status_code == 408
+                assert response.json() == {
+                    "error": f"the request body did not arrive within {TIMEOUT:g} seconds (VAE_BODY_TIMEOUT)"
+                }
+
+    asyncio.run(scenario())
+
+
+def test_a_body_that_trickles_in_gets_408_too(settings: Settings) -> None:
+    """The limit is on the whole body, not on each wait: a byte every TIMEOUT / 2 never trips a per-read
+    limit, but the body as a whole is late."""
+    app = create_app(settings.model_copy(update={"body_timeout": TIMEOUT}))
+
+    async def scenario() -> None:
+        async def trickle() -> Any:
+            for byte in b'{"latents": [[0.5]]}':
+                await asyncio.sleep(TIMEOUT / 2)
+                yield bytes([byte])
+
+        async with app.router.lifespan_context(app) as state:
+            transport = httpx2.ASGITransport(app=with_state(app, state))
+            async with httpx2.AsyncClient(transport=transport, base_url="http://test") as client:
+                json_headers = {"content-type": "application/json"}
+                response = await client.post("/decode", content=trickle(), headers=json_headers)
+                assert detail(response, 408).startswith("the request body did not arrive within")
+
+    asyncio.run(scenario())
+
+
 # API keys
 
 

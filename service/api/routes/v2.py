@@ -25,6 +25,7 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.api.bodies import read_bytes
 from service.api.deps import ModelDep, SettingsDep
 from service.api.responses import NumpyJSONResponse
 from service.model_card import OnnxFile, TensorSpec
@@ -315,14 +316,9 @@ async def versioned_infer(model_name: str, model_version: str) -> Response:
 
 
 async def _split_body(request: Request) -> tuple[bytes, bytes]:
-    """(JSON header, binary tensor data) of the request body."""
-    encoding = request.headers.get("content-encoding", "identity").strip().lower()
-    if encoding not in ("", "identity"):
-        raise HTTPException(
-            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-            detail=f"Content-Encoding {encoding!r} is not supported; send the body uncompressed",
-        )
-    body = await request.body()
+    """(JSON header, binary tensor data) of the request body; 415 for a compressed one, 408 for one slower to
+    arrive than VAE_BODY_TIMEOUT."""
+    body = await read_bytes(request)
     value = request.headers.get(HEADER_LENGTH)
     if value is None:
         return body, b""
