@@ -7,9 +7,7 @@ type) because one path takes both; `request_body` documents what they read in th
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -22,7 +20,6 @@ from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service import imaging
-from service.config import Settings
 from service.model_card import InputSpec
 from service.schemas import ImagesRequest
 
@@ -37,9 +34,8 @@ __all__ = [
     "latent_matrix",
     "parse_json",
     "read_body",
-    "read_bytes",
     "read_json",
-    "refuse_encoded",
+    "quoted",
     "request_body",
     "validation_error",
 ]
@@ -50,9 +46,6 @@ MULTIPART = "multipart/form-data"
 FILES_FIELD = "files"
 # Longest file name quoted in an error detail; longer ones are cut (they come from the client).
 _NAME_CHARS = 64
-# VAE_BODY_TIMEOUT's default, for a request without the lifespan's state (in the app the routes answer 503
-# before they read a body then).
-_BODY_TIMEOUT: float = Settings.model_fields["body_timeout"].default
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -83,53 +76,6 @@ def _unsupported(media_type: str, accepted: str) -> HTTPException:
     )
 
 
-def refuse_encoded(request: Request) -> None:
-    """415 for a body sent with a Content-Encoding (gzip, br, ...): bodies are read as they arrive.
-
-    Decompressing would let a body within VAE_MAX_BODY_BYTES expand far past it, and reading a compressed body
-    as if it were not would misreport it as bad JSON or multipart (or take a mislabelled plain one silently).
-    """
-    values = request.headers.getlist("content-encoding")
-    codings = [coding.strip().lower() for value in values for coding in value.split(",")]
-    if any(coding not in ("", "identity") for coding in codings):
-        raise HTTPException(
-            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-            detail=f"Content-Encoding {_quoted(', '.join(values))} is not supported; send the body "
-            "uncompressed (this server takes only identity bodies)",
-        )
-
-
-async def read_bytes(request: Request) -> bytes:
-    """The whole body: 415 if it is compressed, 408 if it takes longer than VAE_BODY_TIMEOUT to arrive."""
-    refuse_encoded(request)
-    async with _receiving(request):
-        return await request.body()
-
-
-@asynccontextmanager
-async def _receiving(request: Request) -> AsyncIterator[None]:
-    """A time limit on reading the body, VAE_BODY_TIMEOUT seconds from its first read: 408 past it.
-
-    Without one, a client that sends the headers and then stalls (or trickles a byte at a time) holds its
-    place among VAE_MAX_IN_FLIGHT for as long as it keeps the connection open. The 408 closes the
-    connection: what is left of the body is never read.
-    """
-    settings: Settings | None = _state(request).get("settings")
-    seconds = _BODY_TIMEOUT if settings is None else settings.body_timeout
-    deadline = asyncio.timeout(seconds)
-    try:
-        async with deadline:
-            yield
-    except TimeoutError:
-        if not deadline.expired():
-            raise
-        raise HTTPException(
-            status.HTTP_408_REQUEST_TIMEOUT,
-            detail=f"the request body did not arrive within {seconds:g} seconds (VAE_BODY_TIMEOUT)",
-            headers={"Connection": "close"},
-        ) from None
-
-
 def _state(request: Request) -> Mapping[str, Any]:
     """What the lifespan put in the request's scope (`service.main.State`); empty outside it."""
     state: Mapping[str, Any] = request.scope.get("state") or {}
@@ -137,9 +83,9 @@ def _state(request: Request) -> Mapping[str, Any]:
 
 
 async def _read_json_bytes(request: Request) -> bytes:
-    """The whole body, once it is known to be JSON: as `read_bytes`, and 422 for more values than any
-    request within the limits holds (`_refuse_too_many_values`)."""
-    body = await read_bytes(request)
+    """The whole body, once it is known to be JSON; 422 for more values than any request within the limits
+    holds (`_refuse_too_many_values`)."""
+    body = await request.body()
     _refuse_too_many_values(request, body)
     return body
 
@@ -169,8 +115,7 @@ def _refuse_too_many_values(request: Request, body: bytes) -> None:
 
 
 async def read_json(request: Request, model: type[M]) -> M:
-    """The body as `model`: 415 unless it is uncompressed JSON, 408 if it is too slow to arrive
-    (VAE_BODY_TIMEOUT), 422 naming the fields that are wrong."""
+    """The body as `model`; 415 unless it is JSON, 422 naming the fields that are wrong."""
     media_type = _media_type(request)
     if media_type != JSON:
         raise _unsupported(media_type, JSON)
@@ -178,8 +123,7 @@ async def read_json(request: Request, model: type[M]) -> M:
 
 
 async def read_body(request: Request, *, max_files: int) -> bytes | list[Upload]:
-    """The JSON bytes (parsed by the caller), or the multipart image files; 415 for anything else, and for a
-    compressed body; 408 for a body that takes longer than VAE_BODY_TIMEOUT to arrive.
+    """The JSON bytes (parsed by the caller), or the multipart image files; 415 for anything else.
 
     A multipart body is read part by part: 400 when it is not valid multipart, 422 for a part that is not
     an image file named `files` or for more than `max_files` of them, and nothing is kept of a refused body.
@@ -189,7 +133,6 @@ async def read_body(request: Request, *, max_files: int) -> bytes | list[Upload]
         return await _read_json_bytes(request)
     if media_type != MULTIPART:
         raise _unsupported(media_type, f"{JSON} or {MULTIPART} (images in parts named '{FILES_FIELD}')")
-    refuse_encoded(request)
     _, params = parse_options_header(request.headers["content-type"])
     boundary = params.get(b"boundary")
     if not boundary:
@@ -200,9 +143,8 @@ async def read_body(request: Request, *, max_files: int) -> bytes | list[Upload]
     files = _Files(max_files)
     try:
         parser = MultipartParser(boundary, files.callbacks())
-        async with _receiving(request):
-            async for chunk in request.stream():
-                parser.write(chunk)
+        async for chunk in request.stream():
+            parser.write(chunk)
         parser.finalize()
     except FormParserError as error:  # python-multipart's messages name the fault and its offset, not data
         detail = f"the body is not valid {MULTIPART}: {error}"
@@ -276,7 +218,7 @@ class _Files:
             field = name.decode("utf-8", "replace")
             raise validation_error(
                 ("body", field[:_NAME_CHARS]),
-                f"part {part} is named {_quoted(field)}; this endpoint reads image files in parts named "
+                f"part {part} is named {quoted(field)}; this endpoint reads image files in parts named "
                 f"'{FILES_FIELD}' (options go in the query string)",
             )
         i = len(self.uploads)
@@ -289,7 +231,7 @@ class _Files:
                 f"more than {self._max_files} images sent; this server takes at most {self._max_files} "
                 "per request",
             )
-        self._label = f"file {i} ({_quoted(options[b'filename'].decode('utf-8', 'replace'))})"
+        self._label = f"file {i} ({quoted(options[b'filename'].decode('utf-8', 'replace'))})"
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         self._data.append(data[start:end])
@@ -301,7 +243,7 @@ class _Files:
         self.ended = True
 
 
-def _quoted(filename: str | None) -> str:
+def quoted(filename: str | None) -> str:
     """A name the client chose (a file name, a header value) for an error detail: repr'd (no control
     characters) and cut when long."""
     if filename is not None and len(filename) > _NAME_CHARS:

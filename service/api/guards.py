@@ -6,11 +6,14 @@ their answers into the OpenAPI schema. Every refusal is JSON with a `detail`:
 - 401 without an API key and 403 with a wrong one, when VAE_API_KEYS is set (`OPEN_PATHS` stay open);
 - 503 with `Retry-After` at once when VAE_MAX_IN_FLIGHT requests are being handled already;
 - 413 for a body past VAE_MAX_BODY_BYTES: from its Content-Length before the app runs, or counted while it
-  streams in, so that a body without a length, or with a false one, is cut off there and never read whole.
+  streams in, so that a body without a length, or with a false one, is cut off there and never read whole;
+- 415 for a compressed body (a Content-Encoding other than identity), and 408 for a body that takes longer
+  than VAE_BODY_TIMEOUT to arrive: both when the route reads it, in that route's error shape.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 from collections.abc import Callable
@@ -23,6 +26,7 @@ from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import request_id
+from service.api.bodies import quoted
 from service.api.routes.playground import is_page_path
 from service.config import Settings
 from service.schemas import ErrorResponse
@@ -49,11 +53,20 @@ async def _refuse(
 
 
 class BodyLimit:
-    """413 for a request body of more than `max_bytes`, declared or counted."""
+    """413 for a request body of more than `max_bytes`, declared or counted; 415 for a compressed one; 408 for
+    one that has not all arrived `timeout` seconds after the route first reads it.
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+    Without the time limit, a client that sends the headers and then stalls (or trickles a byte at a time)
+    holds its place among VAE_MAX_IN_FLIGHT for as long as it keeps the connection open. The 408 closes the
+    connection: what is left of the body is never read. A compressed body is refused rather than inflated
+    (it could expand far past `max_bytes`) or read as if it were not (bad JSON or multipart, or a plain body
+    mislabelled compressed taken silently).
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout = timeout
 
     def _detail(self, size: str) -> str:
         return f"the request body is {size}; this server takes at most {self.max_bytes} (VAE_MAX_BODY_BYTES)"
@@ -68,11 +81,28 @@ class BodyLimit:
             await _refuse(scope, receive, send, status.HTTP_413_CONTENT_TOO_LARGE, detail)
             return
         received = 0
+        deadline: float | None = None  # set by the first read of the body
+        complete = False
 
         async def counted() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, deadline, complete
+            if complete:  # the body is in; what follows is a wait for the client's disconnect
+                return await receive()
+            if deadline is None:
+                _refuse_encoded(scope)
+                deadline = asyncio.get_running_loop().time() + self.timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise HTTPException(
+                    status.HTTP_408_REQUEST_TIMEOUT,
+                    detail=f"the request body did not arrive within {self.timeout:g} seconds "
+                    "(VAE_BODY_TIMEOUT)",
+                    headers={"Connection": "close"},
+                ) from None
             if message["type"] == "http.request":
+                complete = not message.get("more_body", False)
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
                     # Raised inside the route that reads the body: FastAPI answers it as JSON.
@@ -82,6 +112,18 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+
+def _refuse_encoded(scope: Scope) -> None:
+    """415 (raised inside the route reading the body) for a Content-Encoding other than identity."""
+    values = [value.decode("latin-1") for name, value in scope["headers"] if name == b"content-encoding"]
+    codings = [coding.strip().lower() for value in values for coding in value.split(",")]
+    if any(coding not in ("", "identity") for coding in codings):
+        raise HTTPException(
+            status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
+            detail=f"Content-Encoding {quoted(', '.join(values))} is not supported; send the body "
+            "uncompressed (this server takes only identity bodies)",
+        )
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -170,7 +212,7 @@ def _presented_key(scope: Scope) -> bytes | None:
 def install(app: FastAPI, settings: Settings) -> None:
     """Add the guards to `app` (outermost first: CORS, API keys, in-flight bound, body size) and document
     what they answer in its OpenAPI schema."""
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(InFlightLimit, limit=settings.max_in_flight)
     if settings.api_keys:
         app.add_middleware(APIKeys, keys=settings.api_keys)
@@ -186,9 +228,11 @@ def install(app: FastAPI, settings: Settings) -> None:
 
 
 # The refusals above as OpenAPI responses: status -> description.
-_BODY_TOO_LARGE = {
-    "413": "The body is larger than VAE_MAX_BODY_BYTES, or an image has more pixels than "
-    "VAE_MAX_IMAGE_PIXELS (the detail names it).",
+_BODY_REFUSALS = {
+    "408": "The body did not all arrive within VAE_BODY_TIMEOUT seconds.",
+    "413": "The body is larger than VAE_MAX_BODY_BYTES, an image has more pixels than VAE_MAX_IMAGE_PIXELS, "
+    "or the images together more than VAE_MAX_REQUEST_PIXELS (the detail names it).",
+    "415": "The body's content type is not one the endpoint reads, or it is compressed (Content-Encoding).",
 }
 _BUSY = {"503": "The model is not loaded yet, or VAE_MAX_IN_FLIGHT requests are in flight (see Retry-After)."}
 _UNAUTHORISED = {
@@ -213,7 +257,7 @@ def _documented(openapi: Callable[[], dict[str, Any]], *, keys: bool) -> Callabl
             components["securitySchemes"] = _SECURITY_SCHEMES
         for path, operations in schema.get("paths", {}).items():
             for operation in operations.values():
-                refusals = dict(_BODY_TOO_LARGE) if "requestBody" in operation else {}
+                refusals = dict(_BODY_REFUSALS) if "requestBody" in operation else {}
                 if path not in OPEN_PATHS:
                     refusals |= _BUSY | (_UNAUTHORISED if keys else {})
                     if keys:

@@ -79,7 +79,7 @@ def test_a_body_with_a_false_length_is_cut_off_unread() -> None:
     async def echo(request: Request) -> dict[str, int]:
         return {"bytes": len(await request.body())}
 
-    app.add_middleware(guards.BodyLimit, max_bytes=BODY_LIMIT)
+    app.add_middleware(guards.BodyLimit, max_bytes=BODY_LIMIT, timeout=30.0)
     chunks_read = 0
 
     async def endless() -> Message:

@@ -25,7 +25,6 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.api.bodies import read_bytes
 from service.api.deps import ModelDep, SettingsDep
 from service.api.responses import NumpyJSONResponse
 from service.model_card import OnnxFile, TensorSpec
@@ -316,9 +315,8 @@ async def versioned_infer(model_name: str, model_version: str) -> Response:
 
 
 async def _split_body(request: Request) -> tuple[bytes, bytes]:
-    """(JSON header, binary tensor data) of the request body; 415 for a compressed one, 408 for one slower to
-    arrive than VAE_BODY_TIMEOUT."""
-    body = await read_bytes(request)
+    """(JSON header, binary tensor data) of the request body."""
+    body = await request.body()
     value = request.headers.get(HEADER_LENGTH)
     if value is None:
         return body, b""
