@@ -74,11 +74,11 @@ def served(request: Request, options: type[OptionsT]) -> tuple[Model, Settings, 
     return model, settings, parse_query(options, request.query_params.multi_items(), settings)
 
 
-def body_images(
+async def body_images(
     body: bytes | list[Upload], model: Model, settings: Settings, *, invert: bool, limit: int | None = None
 ) -> Floats:
     """A read body's images as (N, C, H, W) in [0, 1], at most `limit` (default VAE_MAX_IMAGES) of them."""
-    return decode_images(
+    return await decode_images(
         body,
         model.card.input,
         invert=invert,
@@ -90,6 +90,6 @@ def body_images(
 
 async def read_images(request: Request, model: Model, settings: Settings, *, invert: bool) -> Floats:
     """The request's images (multipart `files` or JSON base64 `images`) as (N, C, H, W) in [0, 1]."""
-    return body_images(
+    return await body_images(
         await read_body(request, max_files=settings.max_images), model, settings, invert=invert
     )

@@ -42,7 +42,7 @@ async def interpolate(request: Request) -> Response:
             raise validation_error(
                 ("body", FILES_FIELD), f"{len(body)} images sent; interpolation takes exactly 2"
             )
-        images = body_images(body, model, settings, invert=options.invert, limit=2)
+        images = await body_images(body, model, settings, invert=options.invert, limit=2)
         ends, _ = await model.encode_async(images)
     else:
         latents = parse_json(InterpolateRequest, body).latents

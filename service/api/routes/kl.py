@@ -42,7 +42,7 @@ async def kl(request: Request) -> Response:
     body = await read_body(request, max_files=settings.max_images)
     per_dim: npt.NDArray[np.float64]
     if isinstance(body, list):
-        images = body_images(body, model, settings, invert=options.invert)
+        images = await body_images(body, model, settings, invert=options.invert)
         per_dim = gaussian.kl_to_prior(*await model.encode_async(images))
     else:
         query = parse_json(KLRequest, body)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service import gaussian
+from service import gaussian, imaging
 from service.model_card import ModelCard
 from service.schemas import EncodeResponse
 from tests.service.conftest import LIMITS
@@ -27,6 +31,42 @@ def test_many_images_keep_their_order(client: TestClient) -> None:
         client.post("/encode", files=files(digit_png(0), digit_png(1), digit_png(2))), EncodeResponse
     )
     alone = [body(client.post("/encode", files=files(digit_png(i))), EncodeResponse).mu[0] for i in range(3)]
+    np.testing.assert_allclose(together.mu, alone, rtol=1e-6, atol=1e-7)  # batch vs single kernels
+
+
+def test_large_images_are_decoded_while_other_requests_are_answered(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One request's large images must not stall the server: they are decoded off the event loop."""
+    started, finished = threading.Event(), threading.Event()
+    stalled: list[bool] = []
+    read_pixels = imaging.read_pixels
+
+    def slow(data: bytes, *args: Any, **kwargs: Any) -> imaging.Floats:
+        started.set()
+        # On the event loop this would hold the /health below until the wait runs out.
+        stalled.append(not finished.wait(timeout=10))
+        return read_pixels(data, *args, **kwargs)
+
+    monkeypatch.setattr(imaging, "read_pixels", slow)
+    large = png(np.zeros((512, 512), dtype=np.uint8))
+    with ThreadPoolExecutor(1) as pool:
+        upload = pool.submit(client.post, "/encode", files=files(large))
+        assert started.wait(timeout=10)
+        assert client.get("/health").status_code == 200
+        finished.set()
+        assert upload.result().status_code == 200
+    assert stalled == [False]
+
+
+def test_images_decoded_off_the_event_loop_read_as_on_it(client: TestClient) -> None:
+    """17 PNGs of 64 x 64 together are past imaging.SMALL_PIXELS (decoded on the decoding thread); each
+    alone is decoded on the loop. The results are the same, in the same order."""
+    rng = np.random.default_rng(0)
+    images = [png((rng.random((64, 64)) * 255).astype(np.uint8)) for _ in range(17)]
+    assert 17 * 64 * 64 > imaging.SMALL_PIXELS >= 64 * 64
+    together = body(client.post("/encode", files=files(*images)), EncodeResponse)
+    alone = [body(client.post("/encode", files=files(image)), EncodeResponse).mu[0] for image in images]
     np.testing.assert_allclose(together.mu, alone, rtol=1e-6, atol=1e-7)  # batch vs single kernels
 
 
