@@ -11,13 +11,16 @@ from contextlib import asynccontextmanager
 from typing import Any, TypedDict
 
 from fastapi import FastAPI, Request, Response, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException
 
 from service import request_id
 from service.api import guards
 from service.api.middleware import RequestMiddleware
 from service.api.responses import NumpyJSONResponse
 from service.api.routes import ROUTERS
+from service.api.routes.v2 import is_protocol_path, protocol_error
 from service.config import Settings, get_settings
 from service.logs import configure_logging
 from service.metrics import Metrics
@@ -47,13 +50,23 @@ class State(TypedDict):
 
 
 async def _internal_error(request: Request, error: Exception) -> Response:
-    """An unexpected failure still answers JSON with a `detail` and the request id to find it in the log."""
+    """An unexpected failure still answers JSON with a `detail` (`error` under /v2) and the request id to
+    find it in the log."""
     rid = request_id.current() or request_id.generate()
+    key = "error" if is_protocol_path(request.url.path) else "detail"
     return NumpyJSONResponse(
-        {"detail": "internal server error", "request_id": rid},
+        {key: "internal server error", "request_id": rid},
         status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
         headers={request_id.HEADER: rid},
     )
+
+
+async def _http_error(request: Request, error: Exception) -> Response:
+    """FastAPI's `{"detail": ...}`, or under /v2 the protocol's `{"error": ...}` (unknown paths included)."""
+    assert isinstance(error, HTTPException)
+    if is_protocol_path(request.url.path):
+        return protocol_error(error.status_code, str(error.detail), error.headers)
+    return await http_exception_handler(request, error)
 
 
 async def _invalid_request(request: Request, error: Exception) -> Response:
@@ -115,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     app.add_exception_handler(Exception, _internal_error)
+    app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     guards.install(app, settings)  # CORS, API keys, in-flight bound, body size
     # Added last, so it is the outermost middleware: it times and counts what the others answer too.

@@ -1,9 +1,11 @@
 """What every request passes before any work is done for it: CORS, API key, work in flight, body size.
 
 Plain ASGI middleware, a few microseconds per request, added by `install(app, settings)`, which also writes
-their answers into the OpenAPI schema. Every refusal is JSON with a `detail`:
+their answers into the OpenAPI schema. Every refusal is JSON with a `detail` (under /v2, the Open Inference
+Protocol's `error`):
 
-- 401 without an API key and 403 with a wrong one, when VAE_API_KEYS is set (`OPEN_PATHS` stay open);
+- 401 without an API key and 403 with a wrong one, when VAE_API_KEYS is set (`OPEN_PATHS`, the playground
+  page and the API docs stay open);
 - 503 with `Retry-After` at once when VAE_MAX_IN_FLIGHT requests are being handled already;
 - 413 for a body past VAE_MAX_BODY_BYTES: from its Content-Length before the app runs, or counted while it
   streams in, so that a body without a length, or with a false one, is cut off there and never read whole;
@@ -28,6 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import request_id
 from service.api.bodies import quoted
 from service.api.routes.playground import is_page_path
+from service.api.routes.v2 import ProtocolError, is_protocol_path
 from service.config import Settings
 from service.schemas import ErrorResponse
 
@@ -48,8 +51,10 @@ async def _refuse(
     detail: str,
     headers: dict[str, str] | None = None,
 ) -> None:
-    """Answer JSON `{"detail": ...}` without calling the app (nothing of the body is read)."""
-    await JSONResponse({"detail": detail}, status_code=code, headers=headers)(scope, receive, send)
+    """Answer JSON `{"detail": ...}` (`{"error": ...}` under /v2) without calling the app (nothing of the body
+    is read)."""
+    key = "error" if is_protocol_path(scope["path"]) else "detail"
+    await JSONResponse({key: detail}, status_code=code, headers=headers)(scope, receive, send)
 
 
 class BodyLimit:
@@ -161,19 +166,20 @@ class InFlightLimit:
 
 
 class APIKeys:
-    """Requests outside `OPEN_PATHS` and the playground page need one of `keys`: 401 without a key, 403 with
+    """Requests outside `open_paths` and the playground page need one of `keys`: 401 without a key, 403 with
     another one.
 
     Keys are compared as SHA-256 digests with `hmac.compare_digest`, against every key: the time taken
     tells nothing about the key sent, not even its length.
     """
 
-    def __init__(self, app: ASGIApp, keys: list[SecretStr]) -> None:
+    def __init__(self, app: ASGIApp, keys: list[SecretStr], open_paths: frozenset[str] = OPEN_PATHS) -> None:
         self.app = app
         self._digests = [_digest(key.get_secret_value().encode()) for key in keys]
+        self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS or is_page_path(scope["path"]):
+        if scope["type"] != "http" or scope["path"] in self._open or is_page_path(scope["path"]):
             await self.app(scope, receive, send)
             return
         presented = _presented_key(scope)
@@ -215,7 +221,11 @@ def install(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(InFlightLimit, limit=settings.max_in_flight)
     if settings.api_keys:
-        app.add_middleware(APIKeys, keys=settings.api_keys)
+        # The API docs describe the API, nothing of its data: they load without a key, and their
+        # Authorize button takes one for the requests they send.
+        docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+        open_paths = OPEN_PATHS | {path for path in docs if path}
+        app.add_middleware(APIKeys, keys=settings.api_keys, open_paths=open_paths)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,
@@ -250,12 +260,14 @@ def _documented(openapi: Callable[[], dict[str, Any]], *, keys: bool) -> Callabl
 
     def generate() -> dict[str, Any]:
         schema = openapi()  # built once and cached by FastAPI; the additions below are idempotent
-        error = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
         components = schema.setdefault("components", {})
-        components.setdefault("schemas", {}).setdefault("ErrorResponse", ErrorResponse.model_json_schema())
+        for model in (ErrorResponse, ProtocolError):
+            components.setdefault("schemas", {}).setdefault(model.__name__, model.model_json_schema())
         if keys:
             components["securitySchemes"] = _SECURITY_SCHEMES
         for path, operations in schema.get("paths", {}).items():
+            shape = ProtocolError if is_protocol_path(path) else ErrorResponse
+            error = {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape.__name__}"}}}
             for operation in operations.values():
                 refusals = dict(_BODY_REFUSALS) if "requestBody" in operation else {}
                 if path not in OPEN_PATHS:

@@ -7,24 +7,26 @@ included), so `x` is images in [0, 1]. Tensors travel as JSON `data` or, with Tr
 extension, as raw little-endian bytes after the JSON header (`Inference-Header-Content-Length`). Errors are
 `{"error": "..."}`: 400 for a request that is not a valid inference request, 404 for an unknown model, 415
 for a compressed body, 422 for a valid request this model cannot run (names, datatypes, shapes, values), 503
-before the model is loaded. Each model has one version, unnamed: the protocol's versioned paths
-(`/v2/models/{name}/versions/{version}/...`) answer 404 with the path to use instead.
+before the model is loaded; every error under /v2 has that shape, the guards' and unknown paths' included
+(`service.main` and `service.api.guards` ask `is_protocol_path`). Each model has one version, unnamed: the
+protocol's versioned paths (`/v2/models/{name}/versions/{version}/...`) answer 404 with the path to use
+instead.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import orjson
 from fastapi import APIRouter, HTTPException, Request, Response, status
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service.api.bodies import request_body
 from service.api.deps import ModelDep, SettingsDep
 from service.api.responses import NumpyJSONResponse
 from service.model_card import OnnxFile, TensorSpec
@@ -140,23 +142,17 @@ class InferenceResponse(BaseModel):
     outputs: list[ResponseOutput]
 
 
-def _error(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+PREFIX = "/v2"
+
+
+def is_protocol_path(path: str) -> bool:
+    """Whether `path` is under this protocol's prefix: its errors, the guards' included, are `{"error"}`."""
+    return path == PREFIX or path.startswith(PREFIX + "/")
+
+
+def protocol_error(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
+    """An error as the protocol writes it (Triton's clients read the message from `error`)."""
     return NumpyJSONResponse({"error": message}, status_code=status_code, headers=headers)
-
-
-class _ProtocolRoute(APIRoute):
-    """A route whose HTTP errors, its dependencies' included, are answered as `{"error": "..."}`."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def protocol_handler(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except HTTPException as error:
-                return _error(error.status_code, str(error.detail), error.headers)
-
-        return protocol_handler
 
 
 def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
@@ -170,7 +166,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ProtocolError, "description": reasons[code]} for code in statuses}
 
 
-router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=_ProtocolRoute)
+router = APIRouter(prefix=PREFIX, tags=["open inference protocol"])
 
 
 def _unknown_model(name: str) -> HTTPException:
@@ -261,6 +257,19 @@ async def model_ready(model_name: str, model: ModelDep) -> ModelReady:
     responses={
         200: {"content": {BINARY: {"schema": {"type": "string", "format": "binary"}}}},
         **_errors(400, 404, 415, 422, 503),
+    },
+    openapi_extra=request_body(InferenceRequest, images=False)
+    | {
+        "parameters": [
+            {
+                "name": HEADER_LENGTH,
+                "in": "header",
+                "required": False,
+                "schema": {"type": "integer", "minimum": 0},
+                "description": "Bytes of JSON at the start of the body, binary tensors after it (Triton's "
+                "binary tensor data extension); without it the body is JSON alone.",
+            }
+        ]
     },
 )
 async def infer(request: Request, model_name: str, model: ModelDep, settings: SettingsDep) -> Response:

@@ -12,6 +12,7 @@ import orjson
 import pytest
 import tritonclient.http as triton
 from fastapi.testclient import TestClient
+from pydantic import SecretStr
 from tritonclient.utils import InferenceServerException
 
 from service.config import Settings
@@ -358,6 +359,33 @@ def test_batches_beyond_the_servers_limit_are_refused(limited: TestClient) -> No
     body = {"inputs": [{**Z, "shape": [4, 16], "data": [0.0] * 64}]}
     message = error(limited.post("/v2/models/decoder/infer", json=body), 422)
     assert message == "inputs[0].shape has a batch of 4; this server takes 1 to 3 (VAE_MAX_LATENTS)"
+
+
+def test_every_error_under_v2_is_in_the_protocols_shape(settings: Settings) -> None:
+    """Triton's clients read an error's message from `error`: the guards' refusals, unknown paths and wrong
+    methods under /v2 answer in that shape too, while the rest of the API keeps FastAPI's `detail`."""
+    keyed = settings.model_copy(update={"api_keys": [SecretStr("the-key")], "max_body_bytes": 1024})
+    key = {"X-API-Key": "the-key"}
+    with TestClient(create_app(keyed)) as guarded:
+        infer = "/v2/models/decoder/infer"
+        assert error(guarded.post(infer, json={"inputs": [Z]}), 401).startswith("an API key is required")
+        assert error(guarded.post(infer, json={"inputs": [Z]}, headers={"X-API-Key": "x"}), 403) == (
+            "the API key is not valid"
+        )
+        json_type = {**key, "content-type": "application/json"}
+        too_long = guarded.post(infer, content=b" " * 2048, headers=json_type)
+        assert "VAE_MAX_BODY_BYTES" in error(too_long, 413)
+        assert error(guarded.get("/v2/nothing", headers=key), 404) == "Not Found"
+        assert error(guarded.get(infer, headers=key), 405) == "Method Not Allowed"
+        assert guarded.post("/decode", json={}).json() == {
+            "detail": "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+        }
+        schema = guarded.get("/openapi.json").json()
+    documented = schema["paths"]["/v2/models/{model_name}/infer"]["post"]["responses"]
+    assert documented["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ProtocolError")
+    assert documented["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ProtocolError")
+    decode = schema["paths"]["/decode"]["post"]["responses"]
+    assert decode["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
 
 
 @pytest.mark.slow
