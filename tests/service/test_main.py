@@ -111,11 +111,15 @@ def test_every_request_body_has_working_examples(client: TestClient) -> None:
             continue
         json_body = operation["requestBody"]["content"]["application/json"]
         assert json_body["examples"], f"{method} {path} has no example"
+        url = path
+        for parameter in operation.get("parameters", []):
+            if parameter["in"] == "path":
+                url = url.replace(f"{{{parameter['name']}}}", parameter["schema"]["examples"][0])
         for name, example in json_body["examples"].items():
-            response = client.request(method, path, json=example["value"])
+            response = client.request(method, url, json=example["value"])
             assert response.status_code == 200, f"{method} {path} {name}: {response.text}"
             bodies += 1
-    assert bodies >= 5  # encode, decode, kl (3), reconstruct, interpolate
+    assert bodies >= 6  # encode, decode, kl (3), reconstruct, interpolate, v2 infer
 
 
 def uvicorn(port: int, env: dict[str, str]) -> subprocess.Popen[str]:

@@ -18,13 +18,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import numpy.typing as npt
 import orjson
-from fastapi import APIRouter, HTTPException, Request, Response, status
+from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.config import JsonDict
 
 from service.api.bodies import request_body
 from service.api.deps import ModelDep, SettingsDep
@@ -115,8 +116,14 @@ class RequestOutput(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
 
 
+# The documented request's input, sized for the default model (tests post it to /v2/models/decoder/infer).
+_EXAMPLE_Z: JsonDict = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
+
+
 class InferenceRequest(_Strict):
     """An inference request; without `outputs`, every output is returned."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"inputs": [_EXAMPLE_Z]}]})
 
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -272,7 +279,12 @@ async def model_ready(model_name: str, model: ModelDep) -> ModelReady:
         ]
     },
 )
-async def infer(request: Request, model_name: str, model: ModelDep, settings: SettingsDep) -> Response:
+async def infer(
+    request: Request,
+    model_name: Annotated[str, Path(examples=["decoder"])],
+    model: ModelDep,
+    settings: SettingsDep,
+) -> Response:
     """Run `encoder` on images x (N, 1, 8, 8 for the default model) or `decoder` on latents z (N, D).
 
     The body is JSON, or (with `Inference-Header-Content-Length`) JSON followed by the binary input tensors.
