@@ -28,7 +28,6 @@ __all__ = [
     "ImageTooLarge",
     "SMALL_PIXELS",
     "grid_png",
-    "png_area",
     "read_pixels",
     "tile",
     "to_model",
@@ -152,14 +151,6 @@ def to_model(images: Sequence[Floats], spec: InputSpec, *, invert: bool = False)
     return batch
 
 
-def png_area(data: bytes) -> int | None:
-    """Width x height of a PNG as its header gives them, without decoding it; None for any other data."""
-    if len(data) < 24 or not data.startswith(_PNG_SIGNATURE) or data[12:16] != b"IHDR":
-        return None
-    width, height = struct.unpack_from(">II", data, 16)
-    return int(width * height)
-
-
 def _plain_png(data: bytes, channels: int, max_pixels: int | None) -> npt.NDArray[np.uint8] | None:
     """The 8-bit pixels of a PNG that libspng decodes exactly as Pillow would, else None.
 
@@ -187,7 +178,8 @@ def _intact_plain_chunks(data: bytes) -> bool:
 
     pyspng has libspng ignore CRCs, and with them the zlib stream's Adler-32: without this check a corrupt
     upload would decode into wrong pixels where Pillow refuses it. What it leaves: a wrong Adler-32 under
-    right CRCs (a file written so, not one damaged on the way) is read here and refused by Pillow.
+    right CRCs (a file written so, not one damaged on the way) is read here when the PNG is small enough
+    for libspng (SMALL_PIXELS), and refused by Pillow when it is larger.
     """
     view = memoryview(data)
     position = len(_PNG_SIGNATURE)

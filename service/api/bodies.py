@@ -53,11 +53,14 @@ _NAME_CHARS = 64
 
 M = TypeVar("M", bound=BaseModel)
 
-# A request's images are decoded on the event loop itself when their PNG headers say they are small
-# together (imaging.SMALL_PIXELS: at most about a third of a millisecond). Larger images, and images in
-# other formats, are decoded on the one image-decoding thread, so that a request's big images do not hold up
-# every other request (a 4096 x 4096 PNG takes about 75 ms). One thread: large decodes take turns, which
-# bounds their memory to one request's, as when they ran on the loop.
+# A request's images are decoded on the event loop itself while they are small: files of at most
+# INLINE_BYTES together that decode to at most imaging.SMALL_PIXELS together, about a third of a millisecond.
+# The loop stops at the first image whose header, as its decoder reads it, says more (before decompressing
+# it), and the request is decoded again on the one image-decoding thread; so is a request of more bytes
+# (a small image padded with a million empty chunks takes a second to read). The thread keeps a request's
+# big images from holding up every other request (a 4096 x 4096 PNG takes about 75 ms); being one, it
+# makes large decodes take turns, which bounds their memory to one request's, as when they ran on the loop.
+INLINE_BYTES = 64 * 1024
 _DECODING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-decoding")
 
 
@@ -285,8 +288,8 @@ async def decode_images(
     """(N, C, H, W) model tensors from JSON `{"images": [...]}` bytes or multipart uploads.
 
     422 past `limit` images; 400 naming the first empty or unreadable one, 413 the first of more than
-    `max_pixels` pixels and the one that brings the images past `max_request_pixels` together. PNGs of at
-    most imaging.SMALL_PIXELS together are decoded on the event loop, anything else on the decoding thread.
+    `max_pixels` pixels and the one that brings the images past `max_request_pixels` together. Small
+    requests are decoded on the event loop, others on the image-decoding thread (INLINE_BYTES).
     """
     if isinstance(body, bytes):
         field = "images"
@@ -302,31 +305,37 @@ async def decode_images(
     decode = partial(
         _decode, uploads, spec, invert=invert, max_pixels=max_pixels, max_request_pixels=max_request_pixels
     )
-    if _small_pngs(uploads):
-        return decode()
+    if sum(len(upload.data) for upload in uploads) <= INLINE_BYTES:
+        try:
+            return decode(inline_pixels=imaging.SMALL_PIXELS)
+        except _NotSmall:
+            pass
     # The request's context goes along, so that what the decoding logs carries its request id.
     return await asyncio.get_running_loop().run_in_executor(_DECODING, copy_context().run, decode)
 
 
-def _small_pngs(uploads: list[Upload]) -> bool:
-    """Whether the uploads are all PNGs, of at most imaging.SMALL_PIXELS together by their headers."""
-    total = 0
-    for upload in uploads:
-        area = imaging.png_area(upload.data)
-        if area is None:
-            return False
-        total += area
-    return total <= imaging.SMALL_PIXELS
+class _NotSmall(Exception):
+    """The images come to more pixels than may be decoded on the event loop."""
 
 
 def _decode(
-    uploads: list[Upload], spec: InputSpec, *, invert: bool, max_pixels: int, max_request_pixels: int
+    uploads: list[Upload],
+    spec: InputSpec,
+    *,
+    invert: bool,
+    max_pixels: int,
+    max_request_pixels: int,
+    inline_pixels: int | None = None,
 ) -> imaging.Floats:
+    """The uploads as model tensors; with `inline_pixels`, _NotSmall once the images come to more pixels."""
     decoded, pixels = [], 0
     for upload in uploads:
+        limit = max_pixels if inline_pixels is None else min(max_pixels, inline_pixels - pixels)
         try:
-            image = imaging.read_pixels(upload.data, spec, invert=invert, max_pixels=max_pixels)
+            image = imaging.read_pixels(upload.data, spec, invert=invert, max_pixels=limit)
         except imaging.ImageTooLarge as error:
+            if limit < max_pixels:
+                raise _NotSmall from None
             raise HTTPException(
                 status.HTTP_413_CONTENT_TOO_LARGE, detail=f"{upload.label} {error}"
             ) from error

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import io
 import tracemalloc
+from typing import Any
 
 import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
+from service import imaging
 from service.imaging import Floats, ImageError, grid_png, read_pixels, tile, to_model, to_png, to_pngs
 from service.model_card import InputSpec
 from tests.service.helpers import png, truncated_png
@@ -169,6 +171,33 @@ def test_a_png_reads_as_the_same_pixels_in_tiff(mode: str, spec: InputSpec, inve
     as_png = read_pixels(encoded(image), spec, invert=invert)
     np.testing.assert_array_equal(as_png, read_pixels(encoded(tiff, "TIFF"), spec, invert=invert))
     assert as_png.shape == (9, 7, spec.channels)
+
+
+@pytest.mark.parametrize("spec", [GREY, DARK, COLOUR], ids=["grey", "dark", "colour"])
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA"])
+def test_pngs_past_small_pixels_read_by_pillow_as_libspng_reads_them(
+    mode: str, spec: InputSpec, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """libspng reads PNGs of at most SMALL_PIXELS, Pillow larger ones: a large one reads alike by either."""
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, size=(300, 240, 4), dtype=np.uint8)
+    pixels[0, :, 3], pixels[1, :, 3] = 0, 255
+    data = encoded(Image.fromarray(pixels).convert(mode))
+    assert 300 * 240 > imaging.SMALL_PIXELS
+    calls: list[bytes] = []
+    load = imaging.pyspng.load
+
+    def spied(data: bytes, *args: Any) -> Any:
+        calls.append(data)
+        return load(data, *args)
+
+    monkeypatch.setattr(imaging.pyspng, "load", spied)
+    by_pillow = read_pixels(data, spec)
+    monkeypatch.setattr(imaging, "SMALL_PIXELS", 300 * 240)
+    by_libspng = read_pixels(data, spec)
+    plain = (mode, spec.channels) in {("L", 1), ("RGB", 3), ("RGBA", 3)}
+    assert len(calls) == int(plain)  # the second read only, where libspng has an output for the mode
+    np.testing.assert_array_equal(by_pillow, by_libspng)
 
 
 @pytest.mark.parametrize(

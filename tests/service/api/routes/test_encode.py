@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import struct
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -11,10 +13,21 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service import gaussian, imaging
-from service.model_card import ModelCard
+from service.api import bodies
+from service.model_card import InputSpec, ModelCard
 from service.schemas import EncodeResponse
 from tests.service.conftest import LIMITS
-from tests.service.helpers import b64, body, detail, digit_png, files, messages, png, truncated_png
+from tests.service.helpers import (
+    b64,
+    body,
+    decoded_png,
+    detail,
+    digit_png,
+    files,
+    messages,
+    png,
+    truncated_png,
+)
 
 
 def test_one_image(client: TestClient, card: ModelCard) -> None:
@@ -41,15 +54,17 @@ def test_large_images_are_decoded_while_other_requests_are_answered(
     started, finished = threading.Event(), threading.Event()
     stalled: list[bool] = []
     read_pixels = imaging.read_pixels
+    side = 512
 
-    def slow(data: bytes, *args: Any, **kwargs: Any) -> imaging.Floats:
-        started.set()
-        # On the event loop this would hold the /health below until the wait runs out.
-        stalled.append(not finished.wait(timeout=10))
-        return read_pixels(data, *args, **kwargs)
+    def slow(data: bytes, spec: InputSpec, *, max_pixels: int, **kwargs: Any) -> imaging.Floats:
+        if max_pixels >= side * side:  # the decode itself (the event loop's try stops at the header)
+            started.set()
+            # On the event loop this would hold the /health below until the wait runs out.
+            stalled.append(not finished.wait(timeout=10))
+        return read_pixels(data, spec, max_pixels=max_pixels, **kwargs)
 
     monkeypatch.setattr(imaging, "read_pixels", slow)
-    large = png(np.zeros((512, 512), dtype=np.uint8))
+    large = png(np.zeros((side, side), dtype=np.uint8))
     with ThreadPoolExecutor(1) as pool:
         upload = pool.submit(client.post, "/encode", files=files(large))
         assert started.wait(timeout=10)
@@ -59,15 +74,62 @@ def test_large_images_are_decoded_while_other_requests_are_answered(
     assert stalled == [False]
 
 
-def test_images_decoded_off_the_event_loop_read_as_on_it(client: TestClient) -> None:
-    """17 PNGs of 64 x 64 together are past imaging.SMALL_PIXELS (decoded on the decoding thread); each
-    alone is decoded on the loop. The results are the same, in the same order."""
-    rng = np.random.default_rng(0)
-    images = [png((rng.random((64, 64)) * 255).astype(np.uint8)) for _ in range(17)]
-    assert 17 * 64 * 64 > imaging.SMALL_PIXELS >= 64 * 64
-    together = body(client.post("/encode", files=files(*images)), EncodeResponse)
-    alone = [body(client.post("/encode", files=files(image)), EncodeResponse).mu[0] for image in images]
-    np.testing.assert_allclose(together.mu, alone, rtol=1e-6, atol=1e-7)  # batch vs single kernels
+def decoding_threads(client: TestClient, monkeypatch: pytest.MonkeyPatch, *images: bytes) -> list[bool]:
+    """For each image read while /encode reads `images`: whether it was on the image-decoding thread."""
+    threads: list[bool] = []
+    read_pixels = imaging.read_pixels
+
+    def recorded(*args: Any, **kwargs: Any) -> imaging.Floats:
+        threads.append(threading.current_thread().name.startswith("image-decoding"))
+        return read_pixels(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(imaging, "read_pixels", recorded)
+        assert client.post("/encode", files=files(*images)).status_code == 200
+    return threads
+
+
+def padded(data: bytes, size: int) -> bytes:
+    """A PNG with a private ancillary chunk of `size` zero bytes after IHDR (decoders skip it)."""
+    kind, payload = b"prVt", bytes(size)
+    chunk = struct.pack(">I", size) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    return data[:33] + chunk + data[33:]
+
+
+def test_small_requests_are_decoded_on_the_loop_and_others_on_the_decoding_thread(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past imaging.SMALL_PIXELS together, or bodies.INLINE_BYTES, the request goes to the decoding thread:
+    from the first image whose header says too much, and from the start when the files are too long. Each
+    reads as on the loop, in the same order."""
+    tiles = [png(np.kron(decoded_png(digit_png(i)), np.ones((8, 8), dtype=np.uint8))) for i in range(17)]
+    assert 17 * 64 * 64 > imaging.SMALL_PIXELS >= 16 * 64 * 64
+    assert sum(map(len, tiles)) < bodies.INLINE_BYTES
+    assert decoding_threads(client, monkeypatch, *tiles[:16]) == [False] * 16
+    assert decoding_threads(client, monkeypatch, *tiles) == [False] * 17 + [True] * 17
+    long = padded(tiles[0], bodies.INLINE_BYTES)
+    assert decoding_threads(client, monkeypatch, long) == [True]
+
+    together = body(client.post("/encode", files=files(*tiles, long)), EncodeResponse)
+    alone = [body(client.post("/encode", files=files(tile)), EncodeResponse).mu[0] for tile in tiles]
+    np.testing.assert_allclose(together.mu, [*alone, alone[0]], rtol=1e-6, atol=1e-7)  # batch vs single
+
+
+def test_a_header_that_understates_the_size_does_not_hold_the_loop(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PNG whose first IHDR says 1 x 1 and a second the real 300 x 300: libspng refuses it, Pillow reads
+    the last one; the loop stops at that header and the image is decoded on the thread, as its twin with
+    one IHDR."""
+    honest = png(np.arange(300 * 300, dtype=np.uint32).reshape(300, 300).astype(np.uint8))
+    tiny_header = struct.pack(">I4sIIBBBBB", 13, b"IHDR", 1, 1, 8, 0, 0, 0, 0)
+    tiny_header += struct.pack(">I", zlib.crc32(tiny_header[4:]))
+    twice = honest[:8] + tiny_header + honest[8:]
+    assert decoding_threads(client, monkeypatch, twice) == [False, True]
+    assert (
+        client.post("/encode", files=files(twice)).content
+        == client.post("/encode", files=files(honest)).content
+    )
 
 
 def test_json_base64_matches_multipart(client: TestClient) -> None:
