@@ -71,8 +71,10 @@ def turn(server: Server, png: bytes, seconds: float) -> tuple[list[float], list[
         sender = threading.Thread(target=upload)
         sender.start()
         try:
-            while not uploads:  # the first upload has been answered: the uploads are under way
+            while not uploads and sender.is_alive():  # the first upload answered: they are under way
                 time.sleep(0.01)
+            if not uploads:
+                raise SystemExit(f"{server.name}: the large upload failed (see the traceback above)")
             busy = probe(client, seconds)
         finally:
             stop.set()

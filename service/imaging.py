@@ -26,6 +26,7 @@ __all__ = [
     "Floats",
     "ImageError",
     "ImageTooLarge",
+    "SIZED_FORMATS",
     "SMALL_PIXELS",
     "grid_png",
     "read_pixels",
@@ -64,6 +65,9 @@ _SPNG_FORMATS = {(1, 0): "L", (3, 2): "RGB", (3, 6): "RGBA"}
 # decompresses (libspng holds it throughout: 60 ms for a 4096 x 4096 PNG), so that other threads, the event
 # loop's among them, go on while a large image is read; past a few hundred pixels a side the two are alike.
 SMALL_PIXELS = 1 << 16
+# Pillow formats whose header gives the size that is then decoded, so that `max_pixels` bounds the work
+# before it starts. Not so ICNS or ICO: they name one size and may hold an embedded PNG of any other.
+SIZED_FORMATS = ("PNG", "JPEG", "MPO", "GIF", "BMP", "TIFF", "WEBP", "PPM")
 # Chunk types after which Pillow reads a PNG differently from libspng's plain decode: transparency, EXIF
 # orientation (its own chunk, or ImageMagick's raw profile or XMP in a text chunk), and animation (APNG).
 _PILLOW_CHUNKS = frozenset({b"tRNS", b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"acTL"})
@@ -86,12 +90,18 @@ class ImageTooLarge(ImageError):
 
 
 def read_pixels(
-    data: bytes, spec: InputSpec, *, invert: bool = False, max_pixels: int | None = None
+    data: bytes,
+    spec: InputSpec,
+    *,
+    invert: bool = False,
+    max_pixels: int | None = None,
+    formats: tuple[str, ...] | None = None,
 ) -> Floats:
     """Decode one image to (H, W, C) in [0, 1] at its own size, with the model's channels.
 
     Images of more than `max_pixels` (width x height) are refused from their header, before any pixel is
-    decompressed; so is anything Pillow's own decompression-bomb guard refuses. Transparent pixels take the
+    decompressed; so is anything Pillow's own decompression-bomb guard refuses. `formats` limits what Pillow
+    may read (None: any format it knows). Transparent pixels take the
     background colour of images drawn the model's way, or the other way round with `invert` (dark strokes on
     white paper for a model trained on light-on-dark digits).
     """
@@ -103,7 +113,7 @@ def read_pixels(
     if plain is not None:
         return _composited(plain, spec.channels, light_background)
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with Image.open(io.BytesIO(data), formats=formats) as opened:
             width, height = opened.size
             if max_pixels is not None and width * height > max_pixels:
                 raise ImageTooLarge(

@@ -327,20 +327,21 @@ def _decode(
     max_request_pixels: int,
     inline_pixels: int | None = None,
 ) -> imaging.Floats:
-    """The uploads as model tensors; with `inline_pixels`, _NotSmall once the images come to more pixels."""
+    """The uploads as model tensors. With `inline_pixels` (on the event loop), _NotSmall once the images come
+    to more pixels, or for an image in a format not in imaging.SIZED_FORMATS or one that cannot be read: the
+    decoding thread then reads the request from the start, and gives the answer."""
     decoded, pixels = [], 0
+    formats = None if inline_pixels is None else imaging.SIZED_FORMATS
     for upload in uploads:
         limit = max_pixels if inline_pixels is None else min(max_pixels, inline_pixels - pixels)
         try:
-            image = imaging.read_pixels(upload.data, spec, invert=invert, max_pixels=limit)
-        except imaging.ImageTooLarge as error:
-            if limit < max_pixels:
-                raise _NotSmall from None
-            raise HTTPException(
-                status.HTTP_413_CONTENT_TOO_LARGE, detail=f"{upload.label} {error}"
-            ) from error
+            image = imaging.read_pixels(upload.data, spec, invert=invert, max_pixels=limit, formats=formats)
         except imaging.ImageError as error:
-            raise HTTPException(status.HTTP_400_BAD_REQUEST, detail=f"{upload.label} {error}") from error
+            if inline_pixels is not None:
+                raise _NotSmall from None
+            too_large = isinstance(error, imaging.ImageTooLarge)
+            code = status.HTTP_413_CONTENT_TOO_LARGE if too_large else status.HTTP_400_BAD_REQUEST
+            raise HTTPException(code, detail=f"{upload.label} {error}") from error
         pixels += image.shape[0] * image.shape[1]
         if pixels > max_request_pixels:
             raise HTTPException(

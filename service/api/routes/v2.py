@@ -7,8 +7,9 @@ included), so `x` is images in [0, 1]. Tensors travel as JSON `data` or, with Tr
 extension, as raw little-endian bytes after the JSON header (`Inference-Header-Content-Length`). Errors are
 `{"error": "..."}`: 400 for a request that is not a valid inference request, 404 for an unknown model, 415
 for a compressed body, 422 for a valid request this model cannot run (names, datatypes, shapes, values), 503
-before the model is loaded; every error under /v2 has that shape, the guards' and unknown paths' included
-(`service.main` and `service.api.guards` ask `is_protocol_path`). Each model has one version, unnamed: the
+before the model is loaded; the guards' refusals and unknown paths under /v2 have that shape too
+(`service.main` and `service.api.guards` ask `is_protocol_path`; not a refused CORS preflight, which
+Starlette answers in plain text). Each model has one version, unnamed: the
 protocol's versioned paths (`/v2/models/{name}/versions/{version}/...`) answer 404 with the path to use
 instead.
 """

@@ -74,7 +74,9 @@ def test_large_images_are_decoded_while_other_requests_are_answered(
     assert stalled == [False]
 
 
-def decoding_threads(client: TestClient, monkeypatch: pytest.MonkeyPatch, *images: bytes) -> list[bool]:
+def decoding_threads(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch, *images: bytes, status: int = 200
+) -> list[bool]:
     """For each image read while /encode reads `images`: whether it was on the image-decoding thread."""
     threads: list[bool] = []
     read_pixels = imaging.read_pixels
@@ -85,7 +87,8 @@ def decoding_threads(client: TestClient, monkeypatch: pytest.MonkeyPatch, *image
 
     with monkeypatch.context() as patch:
         patch.setattr(imaging, "read_pixels", recorded)
-        assert client.post("/encode", files=files(*images)).status_code == 200
+        response = client.post("/encode", files=files(*images))
+    assert response.status_code == status, response.text
     return threads
 
 
@@ -130,6 +133,19 @@ def test_a_header_that_understates_the_size_does_not_hold_the_loop(
         client.post("/encode", files=files(twice)).content
         == client.post("/encode", files=files(honest)).content
     )
+
+
+def test_a_format_whose_header_does_not_bound_the_decode_is_read_on_the_thread(
+    client: TestClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ICNS block names its size (icp4: 16 x 16) and holds a PNG of any other: the event loop reads
+    only formats whose header gives the decoded size (imaging.SIZED_FORMATS)."""
+    embedded = png(np.zeros((1024, 1024), dtype=np.uint8))
+    block = b"icp4" + struct.pack(">I", 8 + len(embedded)) + embedded
+    icns = b"icns" + struct.pack(">I", 8 + len(block)) + block
+    assert len(icns) < bodies.INLINE_BYTES and "ICNS" not in imaging.SIZED_FORMATS
+    # Pillow decodes the 1024 x 1024 PNG, then refuses it for not being the 16 x 16 it named.
+    assert decoding_threads(client, monkeypatch, icns, status=400) == [False, True]
 
 
 def test_json_base64_matches_multipart(client: TestClient) -> None:
