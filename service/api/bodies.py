@@ -56,8 +56,9 @@ M = TypeVar("M", bound=BaseModel)
 # A request's images are decoded on the event loop itself while they are small: files of at most
 # INLINE_BYTES together that decode to at most imaging.SMALL_PIXELS together, about a third of a millisecond.
 # The loop stops at the first image whose header, as its decoder reads it, says more (before decompressing
-# it), and the request is decoded again on the one image-decoding thread; so is a request of more bytes
-# (a small image padded with a million empty chunks takes a second to read). The thread keeps a request's
+# it), or whose format's header does not bound the decoding (imaging.SIZED_FORMATS), and the request is
+# decoded again on the one image-decoding thread; so is a request of more bytes (a small image padded with
+# a million empty chunks takes a second to read). The thread keeps a request's
 # big images from holding up every other request (a 4096 x 4096 PNG takes about 75 ms); being one, it
 # makes large decodes take turns, which bounds their memory to one request's, as when they ran on the loop.
 INLINE_BYTES = 64 * 1024
@@ -315,7 +316,7 @@ async def decode_images(
 
 
 class _NotSmall(Exception):
-    """The images come to more pixels than may be decoded on the event loop."""
+    """The images are not for the event loop to decode (too many pixels, another format, or an error)."""
 
 
 def _decode(

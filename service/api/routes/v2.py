@@ -9,9 +9,8 @@ extension, as raw little-endian bytes after the JSON header (`Inference-Header-C
 for a compressed body, 422 for a valid request this model cannot run (names, datatypes, shapes, values), 503
 before the model is loaded; the guards' refusals and unknown paths under /v2 have that shape too
 (`service.main` and `service.api.guards` ask `is_protocol_path`; not a refused CORS preflight, which
-Starlette answers in plain text). Each model has one version, unnamed: the
-protocol's versioned paths (`/v2/models/{name}/versions/{version}/...`) answer 404 with the path to use
-instead.
+Starlette answers in plain text). Each model has one version, unnamed: the protocol's versioned paths
+(`/v2/models/{name}/versions/{version}/...`) answer 404 with the path to use instead.
 """
 
 from __future__ import annotations
