@@ -101,9 +101,9 @@ def read_pixels(
 
     Images of more than `max_pixels` (width x height) are refused from their header, before any pixel is
     decompressed; so is anything Pillow's own decompression-bomb guard refuses. `formats` limits what Pillow
-    may read (None: any format it knows). Transparent pixels take the
-    background colour of images drawn the model's way, or the other way round with `invert` (dark strokes on
-    white paper for a model trained on light-on-dark digits).
+    may read (None: any format it knows). Transparent pixels take the background colour of images drawn the
+    model's way, or the other way round with `invert` (dark strokes on white paper for a model trained on
+    light-on-dark digits).
     """
     if not data:
         raise ImageError("is empty (0 bytes)")
