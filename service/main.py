@@ -20,7 +20,7 @@ from service.api import guards
 from service.api.middleware import RequestMiddleware
 from service.api.responses import NumpyJSONResponse
 from service.api.routes import ROUTERS
-from service.api.routes.v2 import is_protocol_path, protocol_error
+from service.api.routes.v2 import error_key, is_protocol_path, protocol_error
 from service.config import Settings, get_settings
 from service.logs import configure_logging
 from service.metrics import Metrics
@@ -53,9 +53,8 @@ async def _internal_error(request: Request, error: Exception) -> Response:
     """An unexpected failure still answers JSON with a `detail` (`error` under /v2) and the request id to
     find it in the log."""
     rid = request_id.current() or request_id.generate()
-    key = "error" if is_protocol_path(request.url.path) else "detail"
     return NumpyJSONResponse(
-        {key: "internal server error", "request_id": rid},
+        {error_key(request.url.path): "internal server error", "request_id": rid},
         status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
         headers={request_id.HEADER: rid},
     )

@@ -58,9 +58,9 @@ M = TypeVar("M", bound=BaseModel)
 # The loop stops at the first image whose header, as its decoder reads it, says more (before decompressing
 # it), or whose format's header does not bound the decoding (imaging.SIZED_FORMATS), and the request is
 # decoded again on the one image-decoding thread; so is a request of more bytes (a small image padded with
-# a million empty chunks takes a second to read). The thread keeps a request's
-# big images from holding up every other request (a 4096 x 4096 PNG takes about 75 ms); being one, it
-# makes large decodes take turns, which bounds their memory to one request's, as when they ran on the loop.
+# a million empty chunks takes a second to read). The thread keeps a request's big images from holding up
+# every other request (a 4096 x 4096 PNG takes about 75 ms); being one, it makes large decodes take turns,
+# which bounds their memory to one request's, as when they ran on the loop.
 INLINE_BYTES = 64 * 1024
 _DECODING = ThreadPoolExecutor(max_workers=1, thread_name_prefix="image-decoding")
 

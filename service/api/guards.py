@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import request_id
 from service.api.bodies import quoted
 from service.api.routes.playground import is_page_path
-from service.api.routes.v2 import ProtocolError, is_protocol_path
+from service.api.routes.v2 import ProtocolError, error_key, is_protocol_path
 from service.config import Settings
 from service.schemas import ErrorResponse
 
@@ -53,8 +53,8 @@ async def _refuse(
 ) -> None:
     """Answer JSON `{"detail": ...}` (`{"error": ...}` under /v2) without calling the app (nothing of the body
     is read)."""
-    key = "error" if is_protocol_path(scope["path"]) else "detail"
-    await JSONResponse({key: detail}, status_code=code, headers=headers)(scope, receive, send)
+    response = JSONResponse({error_key(scope["path"]): detail}, status_code=code, headers=headers)
+    await response(scope, receive, send)
 
 
 class BodyLimit:

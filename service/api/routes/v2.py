@@ -123,7 +123,8 @@ _EXAMPLE_Z: JsonDict = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data
 class InferenceRequest(_Strict):
     """An inference request; without `outputs`, every output is returned."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"inputs": [_EXAMPLE_Z]}]})
+    # Merged with _Strict's (extra="forbid").
+    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": [_EXAMPLE_Z]}]})
 
     id: str | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
@@ -155,6 +156,11 @@ PREFIX = "/v2"
 def is_protocol_path(path: str) -> bool:
     """Whether `path` is under this protocol's prefix: its errors, the guards' included, are `{"error"}`."""
     return path == PREFIX or path.startswith(PREFIX + "/")
+
+
+def error_key(path: str) -> str:
+    """The key of an error's message at `path`: the protocol's `error` under /v2, else FastAPI's `detail`."""
+    return "error" if is_protocol_path(path) else "detail"
 
 
 def protocol_error(status_code: int, message: str, headers: Mapping[str, str] | None = None) -> Response:
