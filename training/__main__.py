@@ -13,31 +13,41 @@ import logging
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
-from training.data import DATASETS, DataError
+from training.data import DataError
 
 __all__ = ["main"]
 
 
 def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type[Any], skip: set[str]) -> None:
-    """One --option per field of a config dataclass; the field's default is the option's default."""
+    """One --option per field of a config dataclass, choices from its Literal type, the field's default in
+    its help. Options not given stay out of the namespace: a resumed run takes those from its checkpoint."""
     defaults = cls()
+    hints = get_type_hints(cls)
     for f in fields(cls):
         if f.name in skip:
             continue
         default = getattr(defaults, f.name)
         flag = "--" + f.name.replace("_", "-")
-        if isinstance(default, list):
-            parser.add_argument(flag, type=int, nargs="+", default=default, help=f"(default: {default})")
-        elif isinstance(default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+        kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": f"(default: {default})"}
+        if get_origin(hints[f.name]) is Literal:
+            parser.add_argument(flag, choices=get_args(hints[f.name]), **kwargs)
+        elif isinstance(default, list):
+            parser.add_argument(flag, type=int, nargs="+", **kwargs)
         elif default is None:
-            parser.add_argument(flag, default=None)
+            parser.add_argument(flag, **kwargs)
         else:
-            parser.add_argument(flag, type=type(default), default=default, help=f"(default: {default})")
+            parser.add_argument(flag, type=type(default), **kwargs)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -61,24 +71,19 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available"
     )
-    _add_dataclass_options(train, TrainConfig, skip={"dataset", "foreground"})
-    train.add_argument("--dataset", choices=DATASETS, default="digits")
-    train.add_argument("--foreground", choices=("light", "dark"), default="light")
-    _add_dataclass_options(
-        train, VAEConfig, skip={"channels", "height", "width", "architecture", "activation"}
-    )
-    train.add_argument("--architecture", choices=("mlp", "conv"), default="mlp")
-    train.add_argument("--activation", choices=("relu", "elu", "silu"), default=VAEConfig().activation)
+    _add_dataclass_options(train, TrainConfig, skip=set())
+    # The image shape comes from the data, so the model always fits it.
+    _add_dataclass_options(train, VAEConfig, skip={"channels", "height", "width"})
 
     evaluate = commands.add_parser("evaluate", help="test-split metrics of a checkpoint, as JSON")
     evaluate.add_argument("--checkpoint", type=Path, required=True)
-    evaluate.add_argument("--iwae-samples", type=int, default=1000, help="k of the IWAE estimate")
+    evaluate.add_argument("--iwae-samples", type=_positive_int, default=1000, help="k of the IWAE estimate")
 
     export = commands.add_parser("export", help="ONNX encoder + decoder + model.json + plots")
     export.add_argument("--checkpoint", type=Path, required=True)
     export.add_argument("--out", type=Path, required=True, help="model directory to write")
     export.add_argument("--name", help="model name in the card (default: vae-<dataset>-<architecture>)")
-    export.add_argument("--iwae-samples", type=int, default=1000, help="k of the IWAE estimate")
+    export.add_argument("--iwae-samples", type=_positive_int, default=1000, help="k of the IWAE estimate")
     return parser
 
 
@@ -90,21 +95,18 @@ def _run(args: argparse.Namespace) -> None:
     from training.train import TrainConfig, load_checkpoint, load_splits, train
 
     if args.command == "train":
-        values = vars(args)
-        tcfg = TrainConfig(**{f.name: values[f.name] for f in fields(TrainConfig)})
-        # The image shape comes from the data, so the model always fits it.
-        sample = load_splits(tcfg)[0].images
-        _, c, h, w = sample.shape
-        mcfg = VAEConfig(
-            channels=c,
-            height=h,
-            width=w,
-            **{
-                f.name: values[f.name]
-                for f in fields(VAEConfig)
-                if f.name not in ("channels", "height", "width")
-            },
-        )
+        given = vars(args)
+        train_given = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}
+        model_given = {f.name: given[f.name] for f in fields(VAEConfig) if f.name in given}
+        if args.resume:
+            # The run's own settings, with what was given on top; `train` refuses what may not change.
+            ckpt = load_checkpoint(args.out / "last.pt")
+            tcfg = TrainConfig(**{**ckpt.train_config, **train_given})
+            mcfg = VAEConfig(**{**ckpt.config, **model_given})
+        else:
+            tcfg = TrainConfig(**train_given)
+            _, c, h, w = load_splits(tcfg)[0].images.shape
+            mcfg = VAEConfig(channels=c, height=h, width=w, **model_given)
         best = train(
             mcfg,
             tcfg,
@@ -118,7 +120,7 @@ def _run(args: argparse.Namespace) -> None:
             print(f"best checkpoint: {best}")
     elif args.command == "evaluate":
         ckpt = load_checkpoint(args.checkpoint)
-        test = load_splits(ckpt.train_cfg)[2]
+        test = ckpt.splits()[2]
         metrics = evaluate(
             ckpt.build(), torch.from_numpy(test.images), k=args.iwae_samples, seed=ckpt.train_cfg.seed
         )

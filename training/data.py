@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +19,9 @@ from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
-from PIL import Image, UnidentifiedImageError
+
+from service.imaging import ImageError, read_pixels, to_model
+from service.model_card import InputSpec
 
 __all__ = [
     "DATASETS",
@@ -99,7 +102,7 @@ def read_idx(path: Path) -> npt.NDArray[np.uint8]:
     if len(data) < header:
         raise DataError(f"{path}: truncated: {len(data)} bytes, the header alone needs {header}")
     dims = struct.unpack(f">{ndim}I", data[4:header])
-    expected = int(np.prod(dims))
+    expected = math.prod(dims)
     body = len(data) - header
     if body != expected:
         what = "truncated" if body < expected else "trailing data"
@@ -128,10 +131,14 @@ def _load_idx(root: Path) -> Dataset:
         raw = read_idx(images_path)
         if raw.ndim != 3:
             raise DataError(f"{images_path}: expected 3 dimensions (N, H, W), found shape {raw.shape}")
+        if 0 in raw.shape:
+            raise DataError(f"{images_path}: holds no pixels (shape {raw.shape})")
         labels_path = _find_idx(root, labels_stem)
         labels = None
         if labels_path is not None:
             labels = read_idx(labels_path).astype(np.int64)
+            if labels.ndim != 1:
+                raise DataError(f"{labels_path}: expected 1 dimension (N labels), found shape {labels.shape}")
             if labels.shape != (raw.shape[0],):
                 raise DataError(f"{labels_path}: {labels.shape[0]} labels for {raw.shape[0]} images")
         return Split((raw[:, None].astype(np.float32) / 255.0), labels)
@@ -144,41 +151,46 @@ def _load_idx(root: Path) -> Dataset:
     return Dataset("idx", str(root), train.images, train.labels, test=test)
 
 
-def _load_folder(root: Path, image_size: int, channels: int) -> Dataset:
+def _load_folder(root: Path, image_size: int, channels: int, foreground: Literal["light", "dark"]) -> Dataset:
     if not root.is_dir():
         raise DataError(f"{root}: image folder not found")
-    files = sorted(p for p in root.rglob("*") if p.is_file())
+    entries = sorted(root.rglob("*"))
+    files = [p for p in entries if p.is_file()]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    skipped = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
-    if skipped:
-        log.warning(
-            "%s: skipped %d files that are not images by extension: %s",
-            root,
-            len(skipped),
-            ", ".join(str(p.relative_to(root)) for p in skipped[:10]) + (" ..." if len(skipped) > 10 else ""),
-        )
+    _warn_skipped(root, "files that are not images by extension", [p for p in files if p not in images])
+    # rglob does not descend into linked directories; a broken link is no file.
+    odd = [p for p in entries if not p.is_file() and (p.is_symlink() or not p.is_dir())]
+    _warn_skipped(root, "entries that are neither files nor directories (broken or directory links)", odd)
     if not images:
         raise DataError(
-            f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); {len(skipped)} other files"
+            f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); {len(files)} other files"
         )
-    mode = "L" if channels == 1 else "RGB"
-    arrays = []
+    # Read and resized exactly as the service reads an upload, so that training and serving see the same
+    # pixels: 16-bit levels scaled, transparency over the background, EXIF orientation, area-average shrink.
+    spec = InputSpec(
+        channels=1 if channels == 1 else 3, height=image_size, width=image_size, foreground=foreground
+    )
+    pixels = []
     for path in images:
         try:
-            with Image.open(path) as image:
-                image.load()
-                converted = image.convert(mode).resize((image_size, image_size), Image.Resampling.BILINEAR)
-        except (UnidentifiedImageError, OSError, ValueError) as error:
-            raise DataError(f"{path}: unreadable image ({error})") from error
-        array = np.asarray(converted, dtype=np.float32) / 255.0
-        arrays.append(array[None] if channels == 1 else array.transpose(2, 0, 1))
+            pixels.append(read_pixels(path.read_bytes(), spec))
+        except (ImageError, OSError) as error:
+            raise DataError(f"{path}: unreadable image: {error}") from error
     # Images in sub-directories are labelled by directory, in sorted order.
     class_names = sorted({p.parent.relative_to(root).as_posix() for p in images})
     labels = None
     if len(class_names) > 1:
         index = {name: i for i, name in enumerate(class_names)}
         labels = np.array([index[p.parent.relative_to(root).as_posix()] for p in images], dtype=np.int64)
-    return Dataset("folder", str(root), np.stack(arrays).astype(np.float32), labels)
+    return Dataset("folder", str(root), to_model(pixels, spec), labels, foreground=foreground)
+
+
+def _warn_skipped(root: Path, what: str, skipped: list[Path]) -> None:
+    if skipped:
+        names = ", ".join(str(p.relative_to(root)) for p in skipped[:10])
+        log.warning(
+            "%s: skipped %d %s: %s", root, len(skipped), what, names + (" ..." if len(skipped) > 10 else "")
+        )
 
 
 def _load_digits() -> Dataset:
@@ -190,9 +202,14 @@ def _load_digits() -> Dataset:
 
 
 def load_dataset(
-    name: DatasetName, path: Path | None = None, *, image_size: int = 28, channels: int = 1
+    name: DatasetName,
+    path: Path | None = None,
+    *,
+    image_size: int = 28,
+    channels: int = 1,
+    foreground: Literal["light", "dark"] = "light",
 ) -> Dataset:
-    """Load a dataset by name; `path` is required for `idx` and `folder`."""
+    """Load a dataset by name; `path` is required for `idx` and `folder`, the rest is for `folder`."""
     if name == "digits":
         return _load_digits()
     if path is None:
@@ -200,7 +217,7 @@ def load_dataset(
     if name == "idx":
         return _load_idx(path)
     if name == "folder":
-        return _load_folder(path, image_size, channels)
+        return _load_folder(path, image_size, channels, foreground)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
 
 
@@ -212,7 +229,7 @@ def split_dataset(
     order = np.random.default_rng(seed).permutation(n)
     n_test = 0 if dataset.test is not None else round(n * test_fraction)
     n_val = round(n * val_fraction)
-    if n - n_test - n_val < 1 or n_val < 1:
+    if n - n_test - n_val < 1 or n_val < 1 or (dataset.test is None and n_test < 1):
         raise DataError(f"{dataset.source}: {n} images are too few to split (val {n_val}, test {n_test})")
 
     def take(idx: npt.NDArray[np.int64]) -> Split:

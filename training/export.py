@@ -35,7 +35,7 @@ from service.model_card import (
 )
 from training.evaluate import evaluate
 from training.plots import write_plots
-from training.train import Checkpoint, load_checkpoint, load_splits
+from training.train import Checkpoint, load_checkpoint
 
 __all__ = ["OPSET", "PARITY_BATCHES", "PARITY_TOLERANCE", "ExportError", "export", "export_module"]
 
@@ -127,10 +127,12 @@ def _onnx_file(path: Path) -> OnnxFile:
 
 def export(checkpoint: Path, out: Path, *, name: str | None = None, iwae_samples: int = 1000) -> ModelCard:
     """Export, verify, evaluate on the test split and write the model directory `out`."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory (--out names the model directory)")
     ckpt: Checkpoint = load_checkpoint(checkpoint)
     model = ckpt.build()
     cfg, tcfg = model.cfg, ckpt.train_cfg
-    train_split, val_split, test_split, source = load_splits(tcfg)
+    train_split, val_split, test_split, source = ckpt.splits()
     generator = torch.Generator().manual_seed(tcfg.seed)
     images = torch.rand((max(PARITY_BATCHES), cfg.channels, cfg.height, cfg.width), generator=generator)
     latents = 2.0 * torch.randn((max(PARITY_BATCHES), cfg.latent_dim), generator=generator)

@@ -7,13 +7,25 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["VAE", "Decoder", "DiagonalGaussian", "Encoder", "VAEConfig", "gaussian_kl"]
+__all__ = ["VAE", "Decoder", "DiagonalGaussian", "Encoder", "VAEConfig", "check_choices", "gaussian_kl"]
+
+
+_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU}
+
+
+def check_choices(config: object) -> None:
+    """ValueError naming the field, for a field of a config dataclass typed `Literal[...]` that holds a value
+    outside it (dataclasses check no types; a config may come from the command line or a checkpoint)."""
+    for name, hint in get_type_hints(type(config)).items():
+        value = getattr(config, name)
+        if get_origin(hint) is Literal and value not in get_args(hint):
+            raise ValueError(f"{name} must be one of {', '.join(get_args(hint))}; got {value!r}")
 
 
 @dataclass
@@ -35,6 +47,18 @@ class VAEConfig:
     def __post_init__(self) -> None:
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        for name in ("height", "width", "latent_dim", "conv_dense"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("hidden", "conv_channels"):
+            sizes = getattr(self, name)
+            if not sizes or min(sizes) < 1:
+                raise ValueError(f"{name} must be one or more sizes of at least 1, got {sizes}")
+        check_choices(self)
+        if not self.logvar_min < self.logvar_max:
+            raise ValueError(
+                f"logvar_min must be below logvar_max, got [{self.logvar_min}, {self.logvar_max}]"
+            )
         if self.architecture == "conv":
             factor = 2 ** len(self.conv_channels)
             if self.height % factor or self.width % factor:
@@ -47,9 +71,6 @@ class VAEConfig:
     def pixels(self) -> int:
         """Values in one image."""
         return self.channels * self.height * self.width
-
-
-_ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "elu": nn.ELU, "silu": nn.SiLU}
 
 
 def _activation(name: str) -> nn.Module:

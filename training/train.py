@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import pickle
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal, cast
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -16,16 +19,27 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from torch.utils.data import DistributedSampler, TensorDataset
 from tqdm import tqdm
 
-from training.data import DatasetName, Split, load_dataset, split_dataset
+from training.data import DataError, DatasetName, Split, load_dataset, split_dataset
 from training.distributed import Backend, Context, distributed
-from training.model import VAE, VAEConfig
+from training.model import VAE, VAEConfig, check_choices
 
-__all__ = ["Checkpoint", "TrainConfig", "load_checkpoint", "load_splits", "objective", "train"]
+__all__ = [
+    "RESUMABLE",
+    "Checkpoint",
+    "TrainConfig",
+    "load_checkpoint",
+    "load_splits",
+    "objective",
+    "splits_sha256",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
 # Rank r draws its reparameterisation noise from seed + r * stride.
 _RANK_SEED_STRIDE = 7919
+# What `resume` may change in a run's TrainConfig; the rest of it, and the model, are the run's own.
+RESUMABLE = frozenset({"epochs", "threads"})
 
 
 @dataclass
@@ -52,6 +66,33 @@ class TrainConfig:
     ema_decay: float = 0.999  # exponential moving average of the weights, evaluated and exported; 0 = off
     threads: int = 0  # torch intra-op threads; 0 keeps torch's default
 
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if self.data_dir is not None and self.dataset == "digits":
+            raise ValueError("data_dir is for the idx and folder datasets; digits is embedded")
+        for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("threads", 0)):
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        for name in ("weight_decay", "beta", "warmup_epochs", "free_bits"):
+            if not getattr(self, name) >= 0:  # NaN fails too
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be above 0, got {self.lr}")
+        if not 0 < self.lr_min_ratio <= 1:
+            raise ValueError(f"lr_min_ratio must be in (0, 1], got {self.lr_min_ratio}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 turns averaging off), got {self.ema_decay}")
+        for name in ("val_fraction", "test_fraction"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction + test_fraction must leave images to train on, got "
+                f"{self.val_fraction} + {self.test_fraction}"
+            )
+
 
 @dataclass
 class Checkpoint:
@@ -68,22 +109,46 @@ class Checkpoint:
     generators: list[Tensor] | None = None  # each rank's noise generator state
     raw_model: dict[str, Tensor] | None = None  # the optimised weights when `model` holds their average
     ema_updates: int | None = None
+    data_sha256: str | None = None  # of the images of the run's split (`splits_sha256`)
 
     def build(self) -> VAE:
         """The model in eval mode, with the checkpoint's weights."""
         model = VAE(VAEConfig(**self.config))
-        model.load_state_dict(self.model)
+        try:
+            model.load_state_dict(self.model)
+        except RuntimeError as error:  # missing, unexpected or misshapen tensors
+            raise ValueError(f"the checkpoint's weights do not fit its model config: {error}") from error
         return model.eval()
 
     @property
     def train_cfg(self) -> TrainConfig:
         return TrainConfig(**self.train_config)
 
+    def splits(self) -> tuple[Split, Split, Split, str]:
+        """(train, val, test, source) as the run saw them; DataError if the images are no longer those."""
+        train, val, test, source = load_splits(self.train_cfg)
+        if self.data_sha256 is not None and splits_sha256(train, val, test) != self.data_sha256:
+            raise DataError(
+                f"{source}: the images differ from those this checkpoint was trained on, so its test split "
+                "would no longer be held out; restore them or train again"
+            )
+        return train, val, test, source
+
 
 def load_checkpoint(path: Path) -> Checkpoint:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:  # truncated, foreign, text
+        reason = str(error).split("\n", 1)[0]
+        raise ValueError(
+            f"{path}: not a checkpoint this package can read ({type(error).__name__}: {reason})"
+        ) from error
+    known = {f.name for f in fields(Checkpoint)}
+    required = {f.name for f in fields(Checkpoint) if f.default is MISSING and f.default_factory is MISSING}
+    if not isinstance(raw, dict) or not required <= raw.keys() <= known:
+        raise ValueError(f"{path}: not a checkpoint written by `python -m training train`")
     return Checkpoint(**raw)
 
 
@@ -94,11 +159,22 @@ def load_splits(cfg: TrainConfig) -> tuple[Split, Split, Split, str]:
         Path(cfg.data_dir) if cfg.data_dir else None,
         image_size=cfg.image_size,
         channels=cfg.channels,
+        foreground=cfg.foreground,
     )
     train, val, test = split_dataset(
         dataset, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction
     )
     return train, val, test, dataset.source
+
+
+def splits_sha256(*splits: Split) -> str:
+    """SHA-256 of the splits' images, their shapes included: what evaluate and export check the data by."""
+    digest = hashlib.sha256()
+    for split in splits:
+        images = np.ascontiguousarray(split.images)
+        digest.update(repr(images.shape).encode())
+        digest.update(images.data)
+    return digest.hexdigest()
 
 
 def objective(recon: Tensor, kl: Tensor, beta: float, free_bits: float) -> Tensor:
@@ -151,12 +227,15 @@ def _train(
 ) -> Path:
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {ctx.world_size} processes")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory (--out names the run's directory)")
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    train_split, val_split, _, source = load_splits(cfg)
+    train_split, val_split, test_split, source = load_splits(cfg)
+    data_sha256 = splits_sha256(train_split, val_split, test_split)
     c, h, w = train_split.images.shape[1:]
     if (model_cfg.channels, model_cfg.height, model_cfg.width) != (c, h, w):
         raise ValueError(
@@ -194,8 +273,9 @@ def _train(
 
     if resume:
         ckpt = load_checkpoint(out / "last.pt")
-        if ckpt.config != asdict(model_cfg):
-            raise ValueError(f"{out / 'last.pt'}: model config differs from the one asked for")
+        _check_resumable(out / "last.pt", ckpt, model_cfg, cfg)
+        if ckpt.data_sha256 not in (None, data_sha256):
+            raise DataError(f"{source}: the images differ from those the run in {out} has trained on")
         served.load_state_dict(ckpt.model)
         if ckpt.raw_model is not None:
             model.load_state_dict(ckpt.raw_model)
@@ -206,7 +286,7 @@ def _train(
         if ckpt.scheduler is not None:
             scheduler.load_state_dict(ckpt.scheduler)
             if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-                scheduler.T_max = total_steps  # --epochs may have grown since the checkpoint
+                _stretch_cosine(scheduler, optimizer, total_steps)
         if ckpt.generators is not None and len(ckpt.generators) == ctx.world_size:
             generator.set_state(ckpt.generators[ctx.rank])
         elif ctx.is_main:
@@ -214,6 +294,12 @@ def _train(
         start_epoch, best_val, history = ckpt.epoch, ckpt.best_val, ckpt.history
         if ctx.is_main:
             log.info("resumed %s at epoch %d (best validation %.3f)", out / "last.pt", start_epoch, best_val)
+
+    elif ctx.is_main:
+        if (out / "last.pt").exists():
+            log.warning("%s holds a run already: starting afresh over it (--resume continues it)", out)
+        # A run of fewer epochs than the warm-up writes no best.pt: none may be left from an earlier run.
+        (out / "best.pt").unlink(missing_ok=True)
 
     model.train()
     epochs = tqdm(
@@ -268,6 +354,7 @@ def _train(
                 "epoch": epoch + 1,
                 "history": history,
                 "best_val": best_val,
+                "data_sha256": data_sha256,
             }
             if improved:
                 torch.save(state, out / "best.pt")
@@ -289,6 +376,41 @@ def _train(
         torch.save({**best, "history": history}, out / "best.pt")
     ctx.barrier()
     return out / "best.pt"
+
+
+def _check_resumable(path: Path, ckpt: Checkpoint, model_cfg: VAEConfig, cfg: TrainConfig) -> None:
+    """ValueError naming each setting that differs from the run's own, except those in RESUMABLE."""
+    asked = {**asdict(model_cfg), **{k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}}
+    own = {**ckpt.config, **{k: v for k, v in ckpt.train_config.items() if k not in RESUMABLE}}
+    differ = [
+        f"{name} {asked[name]!r} (the run's: {own.get(name)!r})"
+        for name in asked
+        if asked[name] != own.get(name)
+    ]
+    if differ:
+        raise ValueError(
+            f"{path}: a resumed run keeps its own settings, and these differ from them: {'; '.join(differ)} "
+            f"(only {' and '.join(sorted(RESUMABLE))} may change)"
+        )
+    if cfg.epochs <= ckpt.epoch:
+        raise ValueError(f"{path}: the run has done {ckpt.epoch} epochs; ask for more to resume it (epochs)")
+
+
+def _stretch_cosine(
+    scheduler: torch.optim.lr_scheduler.CosineAnnealingLR, optimizer: torch.optim.Optimizer, total_steps: int
+) -> None:
+    """Fit a resumed cosine schedule to `total_steps` when the number of epochs has changed.
+
+    CosineAnnealingLR steps by a recurrence from the current rate; from the end of a finished schedule (its
+    minimum) that recurrence stays at the minimum, so the rate is set to the new schedule's at this step.
+    """
+    if scheduler.T_max == total_steps:
+        return  # the same schedule: resumed bit for bit
+    scheduler.T_max = total_steps
+    step = scheduler.last_epoch
+    for group, base in zip(optimizer.param_groups, scheduler.base_lrs, strict=True):
+        eta_min = scheduler.eta_min
+        group["lr"] = eta_min + (base - eta_min) * (1 + math.cos(math.pi * step / total_steps)) / 2
 
 
 def _cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -131,3 +131,60 @@ def test_folder_errors_name_the_problem(tmp_path: Path) -> None:
         load_dataset("folder", tmp_path / "missing")
     with pytest.raises(DataError, match="needs a path"):
         load_dataset("idx")
+
+
+def test_folder_reads_pixels_as_the_service_reads_uploads(tmp_path: Path) -> None:
+    """Training and serving see the same pixels: the service's decoder and resizer read the folder."""
+    from service.imaging import read_pixels, to_model
+    from service.model_card import InputSpec
+
+    levels = np.linspace(0, 65535, 12 * 12).reshape(12, 12).astype(np.uint16)
+    Image.fromarray(levels).save(tmp_path / "a-16bit.png")
+    # White strokes, transparent elsewhere (the hidden colour is white too): the background shows.
+    rgba = np.zeros((12, 12, 4), np.uint8)
+    rgba[..., :3] = 255
+    rgba[4:8, :, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "b-alpha.png")
+    dataset = load_dataset("folder", tmp_path, image_size=6, channels=1)
+    spec = InputSpec(channels=1, height=6, width=6, foreground="light")
+    served = to_model(
+        [read_pixels((tmp_path / name).read_bytes(), spec) for name in ("a-16bit.png", "b-alpha.png")], spec
+    )
+    np.testing.assert_array_equal(dataset.images, served)
+    # 16-bit levels are scaled, not clipped to white; the transparent rows are the dark background.
+    assert dataset.images[0].min() < 0.1 and 0.45 < dataset.images[0].mean() < 0.55
+    assert dataset.images[1, 0, 0].max() == 0.0 and dataset.images[1, 0, 3].min() == 1.0
+    dark = load_dataset("folder", tmp_path, image_size=6, channels=1, foreground="dark")
+    assert dark.images[1, 0, 0].min() == 1.0  # dark strokes on light paper: transparency is the paper
+
+
+def test_folder_reports_links_it_does_not_follow(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = tmp_path / "data"
+    (data / "digits").mkdir(parents=True)
+    Image.new("L", (8, 8), 128).save(data / "digits" / "0.png")
+    (tmp_path / "elsewhere").mkdir()
+    Image.new("L", (8, 8), 7).save(tmp_path / "elsewhere" / "1.png")
+    (data / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (data / "dead.png").symlink_to(tmp_path / "missing.png")
+    with caplog.at_level(logging.WARNING):
+        dataset = load_dataset("folder", data, image_size=8)
+    assert len(dataset.images) == 1
+    assert "skipped 2 entries that are neither files nor directories" in caplog.text
+    assert "dead.png, linked" in caplog.text
+
+
+def test_idx_errors_name_the_shape(tmp_path: Path, images: np.ndarray) -> None:
+    _write(tmp_path / "train-images-idx3-ubyte", _idx_bytes(images))
+    _write(tmp_path / "train-labels-idx1-ubyte", _idx_bytes(np.zeros((5, 1))))
+    with pytest.raises(
+        DataError, match=r"train-labels-idx1-ubyte: expected 1 dimension \(N labels\), found shape \(5, 1\)"
+    ):
+        load_dataset("idx", tmp_path)
+    # Dimensions whose product overflows 64 bits are read exactly, and the file is short of them.
+    header = bytes([0, 0, 0x08, 3]) + struct.pack(">3I", 65536, 65536, 65536)
+    _write(tmp_path / "train-images-idx3-ubyte", header + bytes(10))
+    with pytest.raises(DataError, match=f"needs {65536**3} bytes of data, found 10"):
+        load_dataset("idx", tmp_path)
+    _write(tmp_path / "train-images-idx3-ubyte", _idx_bytes(np.zeros((4, 0, 0))))
+    with pytest.raises(DataError, match=r"holds no pixels \(shape \(4, 0, 0\)\)"):
+        load_dataset("idx", tmp_path)

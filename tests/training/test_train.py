@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -58,3 +59,132 @@ def test_cli_reports_bad_data_clearly(tmp_path: Path, capsys: pytest.CaptureFixt
     code = main(["train", "--out", str(tmp_path / "run"), "--dataset", "idx", "--data-dir", str(tmp_path)])
     assert code == 2
     assert "expected train-images-idx3-ubyte" in capsys.readouterr().err
+
+
+# Small and quick: a one-layer model, a few epochs.
+QUICK = ["--hidden", "16", "--latent-dim", "2", "--warmup-epochs", "1", "--no-progress"]
+
+
+def test_resume_takes_the_runs_own_settings_and_refuses_other_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "2", "--seed", "5", *QUICK]) == 0
+    # Flags left out are the run's, not the defaults.
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "3", "--no-progress"]) == 0
+    resumed = load_checkpoint(run / "last.pt")
+    assert resumed.epoch == 3 and resumed.train_config["seed"] == 5 and resumed.config["hidden"] == [16]
+    # A setting that would change the data or the optimisation is named, with the run's own value.
+    code = main(["train", "--out", str(run), "--resume", "--epochs", "4", "--val-fraction", "0.3"])
+    assert code == 2
+    assert "val_fraction 0.3 (the run's: 0.1)" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "4", "--lr-schedule", "constant"]) == 2
+    assert "lr_schedule 'constant' (the run's: 'cosine')" in capsys.readouterr().err
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "3"]) == 2
+    assert "the run has done 3 epochs" in capsys.readouterr().err
+
+
+def test_resume_with_more_epochs_follows_the_longer_cosine(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "2", *QUICK]) == 0
+    assert load_checkpoint(run / "last.pt").history[-1]["lr"] == pytest.approx(2e-3 * 0.02)  # the minimum
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "4", "--no-progress"]) == 0
+    history = load_checkpoint(run / "last.pt").history
+    # The rate at the end of epoch 3 of 4 on a cosine from 2e-3 to 4e-5, not stuck at the minimum.
+    assert history[2]["lr"] == pytest.approx(4e-5 + (2e-3 - 4e-5) * (1 + math.cos(0.75 * math.pi)) / 2)
+    assert history[3]["lr"] == pytest.approx(4e-5)
+
+
+def test_a_fresh_run_leaves_no_best_checkpoint_of_an_earlier_one(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "2", *QUICK]) == 0
+    assert (run / "best.pt").exists()
+    # Fewer epochs than the warm-up: this run has no best of its own, so its last is the one reported.
+    args = ["--hidden", "8", "--latent-dim", "2", "--warmup-epochs", "5", "--no-progress"]
+    assert main(["train", "--out", str(run), "--epochs", "1", *args]) == 0
+    best = load_checkpoint(run / "best.pt")
+    assert best.config["hidden"] == [8] and best.epoch == 1
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
+        (["--epochs", "0"], "epochs must be at least 1, got 0"),
+        (["--latent-dim", "-2"], "latent_dim must be at least 1, got -2"),
+        (["--hidden", "0"], "hidden must be one or more sizes of at least 1, got [0]"),
+        (["--threads", "-1"], "threads must be at least 0, got -1"),
+        (["--warmup-epochs", "-1"], "warmup_epochs must be 0 or more, got -1.0"),
+        (["--beta", "nan"], "beta must be 0 or more, got nan"),
+        (["--ema-decay", "1"], "ema_decay must be in [0, 1)"),
+        (["--lr", "0"], "lr must be above 0, got 0.0"),
+        (["--lr-min-ratio", "5"], "lr_min_ratio must be in (0, 1], got 5.0"),
+        (["--test-fraction", "0"], "test_fraction must be in (0, 1), got 0.0"),
+        (["--val-fraction", "0.6", "--test-fraction", "0.6"], "val_fraction + test_fraction must leave"),
+        (["--channels", "2"], "channels must be 1 or 3, got 2"),
+        (["--logvar-min", "5", "--logvar-max", "-5"], "logvar_min must be below logvar_max"),
+        (["--data-dir", "somewhere"], "data_dir is for the idx and folder datasets"),
+    ],
+)
+def test_bad_settings_are_named_before_anything_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], message: str
+) -> None:
+    assert main(["train", "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_choice_flag_takes_only_its_choices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--out", str(tmp_path), "--lr-schedule", "cosin"])
+    assert exit_info.value.code == 2
+    assert (
+        "--lr-schedule: invalid choice: 'cosin' (choose from 'constant', 'cosine')" in capsys.readouterr().err
+    )
+
+
+def test_unreadable_checkpoints_and_outputs_are_named(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes((tiny_run / "best.pt").read_bytes()[:1000])
+    text = tmp_path / "text.pt"
+    text.write_text("not a checkpoint")
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"a": 1}, foreign)
+    for path in (truncated, text, foreign):
+        assert main(["evaluate", "--checkpoint", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"error: {path}: not a checkpoint" in err and "Traceback" not in err
+    occupied = tmp_path / "file"
+    occupied.write_text("")
+    assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(occupied)]) == 2
+    assert f"{occupied}: exists and is not a directory" in capsys.readouterr().err
+    assert main(["train", "--out", str(occupied), "--epochs", "1", *QUICK]) == 2
+    assert f"{occupied}: exists and is not a directory" in capsys.readouterr().err
+
+
+def test_evaluate_and_export_refuse_data_that_changed_since_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from PIL import Image
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(20):
+        Image.new("L", (8, 8), 10 * i).save(data / f"{i:02}.png")
+    run = tmp_path / "run"
+    folder = ["--dataset", "folder", "--data-dir", str(data), "--image-size", "8"]
+    assert main(["train", "--out", str(run), "--epochs", "1", *folder, *QUICK]) == 0
+    assert main(["evaluate", "--checkpoint", str(run / "best.pt"), "--iwae-samples", "2"]) == 0
+    capsys.readouterr()
+    Image.new("L", (8, 8), 255).save(data / "20.png")  # the split now draws differently
+    for argv in (
+        ["evaluate", "--checkpoint", str(run / "best.pt")],
+        ["export", "--checkpoint", str(run / "best.pt"), "--out", str(tmp_path / "model")],
+        ["train", "--out", str(run), "--resume", "--epochs", "2"],
+    ):
+        assert main(argv) == 2
+        assert "the images differ from those" in capsys.readouterr().err
+    assert not (tmp_path / "model").exists()
