@@ -77,20 +77,24 @@ def lerp(start: npt.ArrayLike, end: npt.ArrayLike, t: npt.ArrayLike) -> Array:
 def slerp(start: npt.ArrayLike, end: npt.ArrayLike, t: npt.ArrayLike) -> Array:
     """Spherical interpolation (Shoemake 1985; White 2016 for latent spaces): (T, D) from (D,), (D,), (T,).
 
-    Follows the great circle between the two directions while the norm goes along with it, which keeps
-    intermediate points at the typical radius of N(0, I). Nearly parallel or zero vectors fall back to lerp.
+    The direction follows the great circle between the two directions and the norm goes linearly from one
+    end's to the other's, which keeps intermediate points at the typical radius of N(0, I). (Shoemake's
+    formula applied to the vectors themselves does so only for equal norms: between nearly opposite ones of
+    different norms it runs far past both.) Nearly parallel, opposite or zero vectors fall back to lerp.
     """
     a = np.asarray(start, dtype=np.float64)
     b = np.asarray(end, dtype=np.float64)
-    norms = np.linalg.norm(a) * np.linalg.norm(b)
-    if norms == 0.0:
+    norm_a, norm_b = float(np.linalg.norm(a)), float(np.linalg.norm(b))
+    if norm_a == 0.0 or norm_b == 0.0:
         return lerp(a, b, t)
-    omega = float(np.arccos(np.clip(np.dot(a, b) / norms, -1.0, 1.0)))
+    unit_a, unit_b = a / norm_a, b / norm_b
+    omega = float(np.arccos(np.clip(np.dot(unit_a, unit_b), -1.0, 1.0)))
     sin_omega = np.sin(omega)
     if omega < _PARALLEL or sin_omega < _PARALLEL:
         return lerp(a, b, t)
     t = np.asarray(t, dtype=np.float64)[:, None]
-    path: Array = (np.sin((1.0 - t) * omega) * a + np.sin(t * omega) * b) / sin_omega
+    direction = (np.sin((1.0 - t) * omega) * unit_a + np.sin(t * omega) * unit_b) / sin_omega
+    path: Array = direction * ((1.0 - t) * norm_a + t * norm_b)
     return path
 
 

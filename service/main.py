@@ -14,6 +14,7 @@ from fastapi import FastAPI, Request, Response, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from service import request_id
 from service.api import guards
@@ -26,7 +27,7 @@ from service.logs import configure_logging
 from service.metrics import Metrics
 from service.runtime import Model, load_model
 
-__all__ = ["MAX_ERRORS", "State", "create_app"]
+__all__ = ["CLIENT_CLOSED_REQUEST", "MAX_ERRORS", "State", "create_app"]
 
 # The cyclic collector's first threshold: allocations (net of frees) of tracked objects between two young
 # collections. Python's 700 is crossed whenever a few dozen requests wait at once (each holds its coroutines,
@@ -39,6 +40,9 @@ _YOUNG_COLLECTION_THRESHOLD = 20_000
 # wrong values, each its own error (bodies of far more values are refused before validation, in
 # `service.api.bodies`), and a list of them all helps no one: the first ones show what is wrong.
 MAX_ERRORS = 20
+# nginx's status for a request whose client closed the connection before it was answered: what the access
+# log and the metrics record for it, rather than a 500 (nothing failed here, and no one reads the answer).
+CLIENT_CLOSED_REQUEST = 499
 
 
 class State(TypedDict):
@@ -58,6 +62,11 @@ async def _internal_error(request: Request, error: Exception) -> Response:
         status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
         headers={request_id.HEADER: rid},
     )
+
+
+async def _client_gone(request: Request, error: Exception) -> Response:
+    """The client went away while its body was being read (or sent a body the server could not frame)."""
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
 
 
 async def _http_error(request: Request, error: Exception) -> Response:
@@ -128,8 +137,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(router)
     app.add_exception_handler(Exception, _internal_error)
     app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     guards.install(app, settings)  # CORS, API keys, in-flight bound, body size
     # Added last, so it is the outermost middleware: it times and counts what the others answer too.
-    app.add_middleware(RequestMiddleware, metrics=metrics, log_requests=settings.access_log)
+    # The routers' own routes: FastAPI wraps included ones in a router-level route that has no template.
+    routes = [*app.router.routes, *(route for router in ROUTERS for route in router.routes)]
+    app.add_middleware(RequestMiddleware, metrics=metrics, routes=routes, log_requests=settings.access_log)
     return app

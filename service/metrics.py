@@ -128,5 +128,8 @@ class Metrics:
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition (Prometheus text, or OpenMetrics when `accept` asks for it) and its content type."""
-        encoder, content_type = choose_encoder(accept or "")
+        try:
+            encoder, content_type = choose_encoder(accept or "")
+        except (TypeError, ValueError):  # prometheus_client fails on some malformed versions ("version=abc")
+            encoder, content_type = choose_encoder("")  # the text format, as for no Accept at all
         return encoder(self.registry), content_type

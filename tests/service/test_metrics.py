@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Iterator
+from typing import Any
 
+import httpx2
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic import SecretStr
 
 from service.config import Settings
 from service.main import create_app
 from service.model_card import ModelCard
-from tests.service.helpers import digit_png, files
+from tests.service.helpers import digit_png, files, with_state
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -111,3 +116,77 @@ def test_openmetrics_when_the_scraper_asks_for_it(fresh: TestClient) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/openmetrics-text")
     assert response.text.endswith("# EOF\n")
+
+
+def test_a_malformed_accept_gets_the_text_format(fresh: TestClient) -> None:
+    response = fresh.get("/metrics", headers={"accept": "application/openmetrics-text; version=abc"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    assert "vae_http_requests_total" in response.text
+
+
+def test_refusals_before_routing_count_under_the_route_asked_for(settings: Settings) -> None:
+    keyed = settings.model_copy(update={"api_keys": [SecretStr("k")]})
+    with TestClient(create_app(keyed)) as client:
+        assert client.post("/decode", json={"latents": [[0.0] * 16]}).status_code == 401
+        assert client.get("/v2/models/decoder", headers={"x-api-key": "wrong"}).status_code == 403
+        assert client.get("/nowhere").status_code == 401
+        samples = scrape(client)
+    requests = "vae_http_requests_total"
+    assert value(samples, requests, method="POST", route="/decode", status="401") == 1
+    assert value(samples, requests, method="GET", route="/v2/models/{model_name}", status="403") == 1
+    assert value(samples, requests, method="GET", route="unmatched", status="401") == 1
+
+
+def test_a_client_that_leaves_mid_body_is_counted_499_not_as_a_failure(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(settings)
+    sent: list[dict[str, Any]] = []
+
+    async def scenario() -> Samples:
+        arrivals = iter(
+            [{"type": "http.request", "body": b'{"lat', "more_body": True}, {"type": "http.disconnect"}]
+        )
+
+        async def receive() -> dict[str, Any]:
+            return next(arrivals)
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/decode",
+            "raw_path": b"/decode",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+            "client": ("127.0.0.1", 1),
+            "server": ("test", 80),
+        }
+        async with app.router.lifespan_context(app) as state:
+            await with_state(app, state)(scope, receive, send)
+            async with httpx2.AsyncClient(
+                transport=httpx2.ASGITransport(app=with_state(app, state)), base_url="http://test"
+            ) as client:
+                text = (await client.get("/metrics")).text
+        return {
+            (sample.name, frozenset(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+
+    with caplog.at_level(logging.INFO):
+        samples = asyncio.run(scenario())
+    assert sent[0]["status"] == 499
+    assert value(samples, "vae_http_requests_total", method="POST", route="/decode", status="499") == 1
+    assert (
+        "vae_http_requests_total",
+        frozenset({("method", "POST"), ("route", "/decode"), ("status", "500")}),
+    ) not in samples
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
