@@ -26,6 +26,7 @@ __all__ = [
     "Floats",
     "ImageError",
     "ImageTooLarge",
+    "MAX_JPEG_SCANS",
     "SIZED_FORMATS",
     "SMALL_PIXELS",
     "grid_png",
@@ -77,6 +78,13 @@ _SEQUENCE_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF", "AVIF", "DCX", "FLI
 # Resampling along a side by a cached (new size, size) matrix while it has at most this many weights; a
 # longer side goes one output pixel at a time (`_resample_axis`).
 _MATRIX_WEIGHTS = 1 << 16
+# Most scans of a JPEG that is decoded. A progressive JPEG is decoded scan by scan, each pass over the whole
+# image: a file of a few kilobytes repeating a scan thousands of times held the decoding thread for minutes
+# at 4096 x 4096 (about 7 ms a scan). Encoders write about ten; a marker is two bytes that entropy-coded data
+# never holds, so counting them bounds the scans from above without parsing.
+MAX_JPEG_SCANS = 100
+_JPEG_START = b"\xff\xd8"
+_JPEG_SCAN = b"\xff\xda"
 # zlib header: deflate, 32 KiB window, no dictionary, check bits (RFC 1950).
 _ZLIB_HEADER = b"\x78\x01"
 
@@ -112,6 +120,8 @@ def read_pixels(
     plain = _plain_png(data, spec.channels, max_pixels)
     if plain is not None:
         return _composited(plain, spec.channels, light_background)
+    if data.startswith(_JPEG_START) and (scans := data.count(_JPEG_SCAN)) > MAX_JPEG_SCANS:
+        raise ImageError(f"is a JPEG of {scans} scans; this server decodes at most {MAX_JPEG_SCANS}")
     try:
         with Image.open(io.BytesIO(data), formats=formats) as opened:
             width, height = opened.size

@@ -72,3 +72,5 @@ def configure_logging() -> None:
         logger.propagate = True
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("service").setLevel(logging.INFO)
+    # Python warnings (Pillow's about odd files, say) as records of the "py.warnings" logger: JSON lines too.
+    logging.captureWarnings(True)

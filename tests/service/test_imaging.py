@@ -442,3 +442,15 @@ def test_resizing_matches_pillows_float_resampling(size: tuple[int, int], new_si
     x = load_image(data, InputSpec(channels=1, height=new_size[0], width=new_size[1], foreground="light"))
     # Pillow accumulates in double and rounds each pass to float32; one float32 step of values in [0, 1].
     np.testing.assert_allclose(x[0], np.clip(expected, 0.0, 1.0), rtol=0, atol=1e-6)
+
+
+def test_a_jpeg_of_too_many_scans_is_refused_before_decoding() -> None:
+    """A progressive JPEG repeating its last scan: a few bytes each, a pass over the whole image each."""
+    progressive = encoded(Image.fromarray(RAMP), "JPEG", progressive=True)
+    last_scan = progressive[progressive.rfind(b"\xff\xda") : -2]
+    scans = progressive.count(b"\xff\xda")
+    assert 1 < scans <= imaging.MAX_JPEG_SCANS  # an encoder's own progressive JPEG reads
+    np.testing.assert_allclose(load_image(progressive, GREY)[0], RAMP / 255.0, atol=0.05)
+    repeated = progressive[:-2] + last_scan * (imaging.MAX_JPEG_SCANS + 1 - scans) + b"\xff\xd9"
+    with pytest.raises(ImageError, match=f"is a JPEG of {imaging.MAX_JPEG_SCANS + 1} scans; this server"):
+        read_pixels(repeated, GREY)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import io
 import json
 import logging
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 import httpx2
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from service import request_id
 from service.config import Settings
@@ -82,9 +84,16 @@ def test_uvicorn_writes_only_json_lines(model_dir: Path, free_port: int) -> None
         with httpx2.Client(base_url=f"http://127.0.0.1:{free_port}", timeout=5.0) as http:
             wait_ready(process, http)
             assert http.get("/sample?n=1", headers={"X-Request-ID": "from-the-test"}).status_code == 200
+            # Pillow warns about the EXIF block of this JPEG (and reads its pixels).
+            exif = b"Exif\x00\x00II*\x00\x08\x00\x00\x00\x05\x00garbage"
+            jpeg = io.BytesIO()
+            Image.new("L", (8, 8)).save(jpeg, "JPEG", exif=exif)
+            assert http.post("/encode", files={"files": ("x.jpg", jpeg.getvalue())}).status_code == 200
     finally:
         output = stop(process)
     entries = json_lines(output)
+    (warning,) = [entry for entry in entries if entry["logger"] == "py.warnings"]
+    assert warning["level"] == "WARNING" and "Corrupt EXIF data" in warning["message"]
     messages = [entry["message"] for entry in entries]
     assert any("running on CPUExecutionProvider" in message for message in messages)
     assert "Application startup complete." in messages

@@ -428,3 +428,42 @@ def test_tritonclient_gets_what_encode_and_decode_give(model_dir: Path, free_por
         if triton_client is not None:
             triton_client.close()
         stop(process)
+
+
+@pytest.mark.parametrize("size", ["64", 64.0, True])
+def test_a_binary_size_that_is_no_integer_is_named_as_such(client: TestClient, size: object) -> None:
+    declared = {"inputs": [{**Z, "data": None, "parameters": {"binary_data_size": size}}]}
+    message = error(
+        client.post("/v2/models/decoder/infer", **binary_request(declared, np.zeros((1, 16), np.float32))),
+        400,
+    )
+    assert message == f"inputs[0].parameters.binary_data_size is {size!r}; it must be an integer (bytes)"
+
+
+def test_encoder_inputs_outside_the_pixel_range_are_refused(client: TestClient) -> None:
+    x = {"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32"}
+    assert (
+        client.post("/v2/models/encoder/infer", json={"inputs": [{**x, "data": [1.0] * 64}]}).status_code
+        == 200
+    )
+    for value in (-1e6, 1.5):
+        response = client.post("/v2/models/encoder/infer", json={"inputs": [{**x, "data": [value] * 64}]})
+        assert error(response, 422) == "inputs[0].data holds values outside [0, 1], the encoder's pixel range"
+
+
+def test_a_body_of_far_too_many_values_is_refused_unparsed(client: TestClient, settings: Settings) -> None:
+    """Counted, not parsed: 16 MiB of numbers took 1.5 s on the event loop to parse and check."""
+    most = 2 * max(settings.max_images * 64, settings.max_latents * 16) + 256
+    body = b'{"inputs":[{"name":"z","shape":[1,16],"datatype":"FP32","data":[' + b"0," * most + b"0]}]}"
+    response = client.post(
+        "/v2/models/decoder/infer", content=body, headers={"content-type": "application/json"}
+    )
+    assert error(response, 422) == (
+        f"the request holds more than {most} values; one within this server's limits "
+        f"(VAE_MAX_IMAGES, VAE_MAX_LATENTS) holds at most {most // 2}"
+    )
+    # A request at the limits is still read (and refused for its own shape, here).
+    at_limit = {
+        "inputs": [{**Z, "shape": [settings.max_latents, 16], "data": [0.0] * (settings.max_latents * 16)}]
+    }
+    assert client.post("/v2/models/decoder/infer", json=at_limit).status_code == 200
