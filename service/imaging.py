@@ -18,7 +18,7 @@ from functools import lru_cache
 import numpy as np
 import numpy.typing as npt
 import pyspng
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from service.model_card import InputSpec
 
@@ -130,6 +130,10 @@ def read_pixels(
                     f"is {width}x{height} pixels, more than the {max_pixels} this server decodes "
                     "(VAE_MAX_IMAGE_PIXELS)"
                 )
+            if opened.format == "EPS" or isinstance(opened, ImageFile.StubImageFile):
+                # EPS is rendered by running Ghostscript on the file; stubs (BUFR, GRIB, HDF5, WMF) need
+                # a handler registered in the process. Neither is done for an upload.
+                raise ImageError(f"is in the {opened.format} format, which this server does not decode")
             frames = getattr(opened, "n_frames", 1)
             if frames > 1 and opened.format in _SEQUENCE_FORMATS:
                 raise ImageError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import struct
 import tracemalloc
 from typing import Any
 
@@ -454,3 +455,14 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding() -> None:
     repeated = progressive[:-2] + last_scan * (imaging.MAX_JPEG_SCANS + 1 - scans) + b"\xff\xd9"
     with pytest.raises(ImageError, match=f"is a JPEG of {imaging.MAX_JPEG_SCANS + 1} scans; this server"):
         read_pixels(repeated, GREY)
+
+
+def test_formats_that_need_an_outside_program_are_named_not_decoded() -> None:
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n"
+    with pytest.raises(ImageError, match="^is in the EPS format, which this server does not decode$"):
+        read_pixels(eps, GREY)
+    # A placeable WMF header (an 8 x 8 box at 72 units an inch), then the standard one's start: Pillow's stub.
+    wmf = b"\xd7\xcd\xc6\x9a\x00\x00" + struct.pack("<4hH", 0, 0, 8, 8, 72) + bytes(6) + b"\x01\x00\t\x00"
+    wmf += bytes(44)
+    with pytest.raises(ImageError, match="^is in the WMF format, which this server does not decode$"):
+        read_pixels(wmf, GREY)
