@@ -37,6 +37,8 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type[Any], skip
             parser.add_argument(flag, choices=get_args(hints[f.name]), **kwargs)
         elif isinstance(default, list):
             parser.add_argument(flag, type=int, nargs="+", **kwargs)
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
         elif default is None:
             parser.add_argument(flag, **kwargs)
         else:
