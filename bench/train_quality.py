@@ -93,7 +93,7 @@ def main() -> None:
     rows = []
     for seed in args.seeds:
         cfg = TrainConfig(seed=seed, epochs=args.epochs)
-        train_split, _, test_split, _ = load_splits(cfg)
+        train_split, _, test_split, _, _ = load_splits(cfg)
         train_x, test_x = torch.from_numpy(train_split.images), torch.from_numpy(test_split.images)
         started = time.perf_counter()
         reference, reference_train = train_examples(train_x, test_x, args.epochs, seed)

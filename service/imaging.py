@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
@@ -80,11 +81,13 @@ _SEQUENCE_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF", "AVIF", "DCX", "FLI
 _MATRIX_WEIGHTS = 1 << 16
 # Most scans of a JPEG that is decoded. A progressive JPEG is decoded scan by scan, each pass over the whole
 # image: a file of a few kilobytes repeating a scan thousands of times held the decoding thread for minutes
-# at 4096 x 4096 (about 7 ms a scan). Encoders write about ten; a marker is two bytes that entropy-coded data
-# never holds, so counting them bounds the scans from above without parsing.
+# at 4096 x 4096 (about 7 ms a scan). Encoders write about ten.
 MAX_JPEG_SCANS = 100
 _JPEG_START = b"\xff\xd8"
-_JPEG_SCAN = b"\xff\xda"
+# A JPEG marker: 0xFF and a code other than 0x00 (a stuffed byte of entropy-coded data), 0xD0-0xD7 (restart
+# markers, within entropy-coded data) and 0xFF (fill before a marker).
+_JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
+_JPEG_SCAN, _JPEG_END, _JPEG_NO_LENGTH = 0xDA, 0xD9, (0xD8, 0x01)
 # zlib header: deflate, 32 KiB window, no dictionary, check bits (RFC 1950).
 _ZLIB_HEADER = b"\x78\x01"
 
@@ -120,8 +123,8 @@ def read_pixels(
     plain = _plain_png(data, spec.channels, max_pixels)
     if plain is not None:
         return _composited(plain, spec.channels, light_background)
-    if data.startswith(_JPEG_START) and (scans := data.count(_JPEG_SCAN)) > MAX_JPEG_SCANS:
-        raise ImageError(f"is a JPEG of {scans} scans; this server decodes at most {MAX_JPEG_SCANS}")
+    if data.startswith(_JPEG_START) and _jpeg_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
+        raise ImageError(f"is a JPEG of more than {MAX_JPEG_SCANS} scans, the most this server decodes")
     try:
         with Image.open(io.BytesIO(data), formats=formats) as opened:
             width, height = opened.size
@@ -173,6 +176,29 @@ def to_model(images: Sequence[Floats], spec: InputSpec, *, invert: bool = False)
     if invert:
         np.subtract(1.0, batch, out=batch)
     return batch
+
+
+def _jpeg_scans(data: bytes, most: int) -> int:
+    """Scans of the JPEG that `data` starts with, counted up to `most` + 1.
+
+    Marker segments are skipped by their length (so a thumbnail inside EXIF is not counted), entropy-coded
+    data by a search for the next marker, and nothing past the image's end marker is read (a motion photo
+    carries megabytes of video there). A file cut short ends the count: Pillow then says what is wrong.
+    """
+    scans, position = 0, len(_JPEG_START)
+    while (marker := _JPEG_MARKER.search(data, position)) is not None:
+        code = data[marker.start() + 1]
+        if code == _JPEG_END:
+            break
+        position = marker.end()
+        if code in _JPEG_NO_LENGTH:
+            continue
+        position += int.from_bytes(data[position : position + 2], "big")  # the length counts its 2 bytes
+        if code == _JPEG_SCAN:
+            scans += 1
+            if scans > most:
+                break
+    return scans
 
 
 def _plain_png(data: bytes, channels: int, max_pixels: int | None) -> npt.NDArray[np.uint8] | None:

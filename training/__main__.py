@@ -13,11 +13,14 @@ import logging
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Literal, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
 from training.data import DataError
+
+if TYPE_CHECKING:
+    from training.train import TrainConfig
 
 __all__ = ["main"]
 
@@ -50,6 +53,13 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _refuse_idle_flags(given: dict[str, Any], cfg: TrainConfig) -> None:
+    """ValueError for a flag that would do nothing: a mistake on the command line. (Not a check of the config
+    itself: a checkpoint of an earlier version, which ignored it, may hold one and still loads.)"""
+    if "data_dir" in given and cfg.dataset == "digits":
+        raise ValueError("--data-dir is for the idx and folder datasets; digits is embedded")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -104,10 +114,12 @@ def _run(args: argparse.Namespace) -> None:
             # The run's own settings, with what was given on top; `train` refuses what may not change.
             ckpt = load_checkpoint(args.out / "last.pt")
             tcfg = TrainConfig(**{**ckpt.train_config, **train_given})
+            _refuse_idle_flags(train_given, tcfg)
             mcfg = VAEConfig(**{**ckpt.config, **model_given})
         else:
             tcfg = TrainConfig(**train_given)
-            _, c, h, w = load_splits(tcfg)[0].images.shape
+            _refuse_idle_flags(train_given, tcfg)
+            _, c, h, w = load_splits(tcfg).train.images.shape
             mcfg = VAEConfig(channels=c, height=h, width=w, **model_given)
         best = train(
             mcfg,
@@ -122,7 +134,7 @@ def _run(args: argparse.Namespace) -> None:
             print(f"best checkpoint: {best}")
     elif args.command == "evaluate":
         ckpt = load_checkpoint(args.checkpoint)
-        test = ckpt.splits()[2]
+        test = ckpt.splits().test
         metrics = evaluate(
             ckpt.build(), torch.from_numpy(test.images), k=args.iwae_samples, seed=ckpt.train_cfg.seed
         )

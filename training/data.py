@@ -10,6 +10,7 @@ Every image tensor is float32 (N, C, H, W) in [0, 1].
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import math
 import struct
@@ -72,6 +73,8 @@ class Dataset:
     source: str
     images: Images
     labels: Labels | None
+    # SHA-256 of what the images were read from: checkpoints keep it, evaluate and export check it.
+    sha256: str
     test: Split | None = None
     # Light strokes on a dark background (digits, MNIST) or the reverse.
     foreground: Literal["light", "dark"] = "light"
@@ -148,7 +151,8 @@ def _load_idx(root: Path) -> Dataset:
     test = part(test_path, _IDX_TEST_LABELS) if test_path is not None else None
     if test is not None and test.images.shape[1:] != train.images.shape[1:]:
         raise DataError(f"{test_path}: image shape {test.images.shape[1:]} differs from the training images")
-    return Dataset("idx", str(root), train.images, train.labels, test=test)
+    parts = [train.images] if test is None else [train.images, test.images]
+    return Dataset("idx", str(root), train.images, train.labels, _digest(parts), test=test)
 
 
 def _load_folder(root: Path, image_size: int, channels: int, foreground: Literal["light", "dark"]) -> Dataset:
@@ -157,32 +161,39 @@ def _load_folder(root: Path, image_size: int, channels: int, foreground: Literal
     entries = sorted(root.rglob("*"))
     files = [p for p in entries if p.is_file()]
     images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
-    _warn_skipped(root, "files that are not images by extension", [p for p in files if p not in images])
+    others = [p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES]
+    _warn_skipped(root, "files that are not images by extension", others)
     # rglob does not descend into linked directories; a broken link is no file.
     odd = [p for p in entries if not p.is_file() and (p.is_symlink() or not p.is_dir())]
     _warn_skipped(root, "entries that are neither files nor directories (broken or directory links)", odd)
     if not images:
         raise DataError(
-            f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); {len(files)} other files"
+            f"{root}: no image files ({', '.join(sorted(IMAGE_SUFFIXES))}); {len(others)} other files"
         )
     # Read and resized exactly as the service reads an upload, so that training and serving see the same
     # pixels: 16-bit levels scaled, transparency over the background, EXIF orientation, area-average shrink.
+    # Each image is resized as it is read: only the model's size of it is kept.
     spec = InputSpec(
         channels=1 if channels == 1 else 3, height=image_size, width=image_size, foreground=foreground
     )
-    pixels = []
-    for path in images:
+    arrays = np.empty((len(images), spec.channels, image_size, image_size), dtype=np.float32)
+    # The files, not the pixels: resizing is a matrix product whose last bits vary with the CPU's BLAS.
+    digest = hashlib.sha256()
+    for i, path in enumerate(images):
         try:
-            pixels.append(read_pixels(path.read_bytes(), spec))
+            data = path.read_bytes()
+            arrays[i] = to_model([read_pixels(data, spec)], spec)[0]
         except (ImageError, OSError) as error:
             raise DataError(f"{path}: unreadable image: {error}") from error
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + len(data).to_bytes(8, "big"))
+        digest.update(data)
     # Images in sub-directories are labelled by directory, in sorted order.
     class_names = sorted({p.parent.relative_to(root).as_posix() for p in images})
     labels = None
     if len(class_names) > 1:
         index = {name: i for i, name in enumerate(class_names)}
         labels = np.array([index[p.parent.relative_to(root).as_posix()] for p in images], dtype=np.int64)
-    return Dataset("folder", str(root), to_model(pixels, spec), labels, foreground=foreground)
+    return Dataset("folder", str(root), arrays, labels, digest.hexdigest(), foreground=foreground)
 
 
 def _warn_skipped(root: Path, what: str, skipped: list[Path]) -> None:
@@ -198,7 +209,18 @@ def _load_digits() -> Dataset:
 
     digits = load_digits()
     images = (np.asarray(digits.images, dtype=np.float32) / 16.0)[:, None]
-    return Dataset("digits", "sklearn.datasets.load_digits", images, np.asarray(digits.target, np.int64))
+    labels = np.asarray(digits.target, np.int64)
+    return Dataset("digits", "sklearn.datasets.load_digits", images, labels, _digest([images]))
+
+
+def _digest(arrays: list[Images]) -> str:
+    """SHA-256 of arrays read without resampling (their values are the same on every machine), shapes too."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        contiguous = np.ascontiguousarray(array)
+        digest.update(repr(contiguous.shape).encode())
+        digest.update(contiguous.data)
+    return digest.hexdigest()
 
 
 def load_dataset(

@@ -132,7 +132,7 @@ def export(checkpoint: Path, out: Path, *, name: str | None = None, iwae_samples
     ckpt: Checkpoint = load_checkpoint(checkpoint)
     model = ckpt.build()
     cfg, tcfg = model.cfg, ckpt.train_cfg
-    train_split, val_split, test_split, source = ckpt.splits()
+    train_split, val_split, test_split, source, _ = ckpt.splits()
     generator = torch.Generator().manual_seed(tcfg.seed)
     images = torch.rand((max(PARITY_BATCHES), cfg.channels, cfg.height, cfg.width), generator=generator)
     latents = 2.0 * torch.randn((max(PARITY_BATCHES), cfg.latent_dim), generator=generator)

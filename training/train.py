@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import pickle
 import time
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, NamedTuple, cast
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -30,7 +28,7 @@ __all__ = [
     "load_checkpoint",
     "load_splits",
     "objective",
-    "splits_sha256",
+    "Splits",
     "train",
 ]
 
@@ -68,8 +66,6 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        if self.data_dir is not None and self.dataset == "digits":
-            raise ValueError("data_dir is for the idx and folder datasets; digits is embedded")
         for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("threads", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
@@ -109,7 +105,7 @@ class Checkpoint:
     generators: list[Tensor] | None = None  # each rank's noise generator state
     raw_model: dict[str, Tensor] | None = None  # the optimised weights when `model` holds their average
     ema_updates: int | None = None
-    data_sha256: str | None = None  # of the images of the run's split (`splits_sha256`)
+    data_sha256: str | None = None  # the dataset's `sha256` (None in checkpoints of earlier versions)
 
     def build(self) -> VAE:
         """The model in eval mode, with the checkpoint's weights."""
@@ -124,15 +120,15 @@ class Checkpoint:
     def train_cfg(self) -> TrainConfig:
         return TrainConfig(**self.train_config)
 
-    def splits(self) -> tuple[Split, Split, Split, str]:
-        """(train, val, test, source) as the run saw them; DataError if the images are no longer those."""
-        train, val, test, source = load_splits(self.train_cfg)
-        if self.data_sha256 is not None and splits_sha256(train, val, test) != self.data_sha256:
+    def splits(self) -> Splits:
+        """The splits as the run saw them; DataError if the data is no longer what it trained on."""
+        splits = load_splits(self.train_cfg)
+        if self.data_sha256 not in (None, splits.sha256):
             raise DataError(
-                f"{source}: the images differ from those this checkpoint was trained on, so its test split "
-                "would no longer be held out; restore them or train again"
+                f"{splits.source}: the images differ from those this checkpoint was trained on, so its test "
+                "split would no longer be held out; restore them or train again"
             )
-        return train, val, test, source
+        return splits
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -152,8 +148,18 @@ def load_checkpoint(path: Path) -> Checkpoint:
     return Checkpoint(**raw)
 
 
-def load_splits(cfg: TrainConfig) -> tuple[Split, Split, Split, str]:
-    """(train, val, test, source) exactly as the run with this config saw them."""
+class Splits(NamedTuple):
+    """A run's data: its three splits, where they came from, and the dataset's `sha256`."""
+
+    train: Split
+    val: Split
+    test: Split
+    source: str
+    sha256: str
+
+
+def load_splits(cfg: TrainConfig) -> Splits:
+    """The splits exactly as the run with this config saw them."""
     dataset = load_dataset(
         cfg.dataset,
         Path(cfg.data_dir) if cfg.data_dir else None,
@@ -164,17 +170,7 @@ def load_splits(cfg: TrainConfig) -> tuple[Split, Split, Split, str]:
     train, val, test = split_dataset(
         dataset, seed=cfg.seed, val_fraction=cfg.val_fraction, test_fraction=cfg.test_fraction
     )
-    return train, val, test, dataset.source
-
-
-def splits_sha256(*splits: Split) -> str:
-    """SHA-256 of the splits' images, their shapes included: what evaluate and export check the data by."""
-    digest = hashlib.sha256()
-    for split in splits:
-        images = np.ascontiguousarray(split.images)
-        digest.update(repr(images.shape).encode())
-        digest.update(images.data)
-    return digest.hexdigest()
+    return Splits(train, val, test, dataset.source, dataset.sha256)
 
 
 def objective(recon: Tensor, kl: Tensor, beta: float, free_bits: float) -> Tensor:
@@ -234,8 +230,7 @@ def _train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    train_split, val_split, test_split, source = load_splits(cfg)
-    data_sha256 = splits_sha256(train_split, val_split, test_split)
+    train_split, val_split, _, source, data_sha256 = load_splits(cfg)
     c, h, w = train_split.images.shape[1:]
     if (model_cfg.channels, model_cfg.height, model_cfg.width) != (c, h, w):
         raise ValueError(

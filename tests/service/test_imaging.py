@@ -452,9 +452,23 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding() -> None:
     scans = progressive.count(b"\xff\xda")
     assert 1 < scans <= imaging.MAX_JPEG_SCANS  # an encoder's own progressive JPEG reads
     np.testing.assert_allclose(load_image(progressive, GREY)[0], RAMP / 255.0, atol=0.05)
+    at_most = progressive[:-2] + last_scan * (imaging.MAX_JPEG_SCANS - scans) + b"\xff\xd9"
+    assert load_image(at_most, GREY).shape == (1, 8, 8)  # decoded (a refinement scan again moves pixels)
     repeated = progressive[:-2] + last_scan * (imaging.MAX_JPEG_SCANS + 1 - scans) + b"\xff\xd9"
-    with pytest.raises(ImageError, match=f"is a JPEG of {imaging.MAX_JPEG_SCANS + 1} scans; this server"):
+    with pytest.raises(ImageError, match="^is a JPEG of more than 100 scans, the most this server decodes$"):
         read_pixels(repeated, GREY)
+
+
+def test_scan_markers_outside_the_image_are_not_counted() -> None:
+    """Bytes after the end of the image (a motion photo's video) or inside EXIF hold no scans of it."""
+    many = b"\xff\xda\x00\x02" * (imaging.MAX_JPEG_SCANS + 1)
+    baseline = encoded(Image.fromarray(RAMP), "JPEG")
+    np.testing.assert_allclose(load_image(baseline + many, GREY)[0], RAMP / 255.0, atol=0.05)
+    exif = Image.Exif()
+    exif[0x927C] = many  # MakerNote: bytes that look like scans, inside APP1
+    with_exif = encoded(Image.fromarray(RAMP), "JPEG", exif=exif.tobytes())
+    assert with_exif.count(b"\xff\xda") > imaging.MAX_JPEG_SCANS
+    np.testing.assert_allclose(load_image(with_exif, GREY)[0], RAMP / 255.0, atol=0.05)
 
 
 def test_formats_that_need_an_outside_program_are_named_not_decoded() -> None:

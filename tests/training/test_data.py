@@ -6,6 +6,7 @@ import gzip
 import logging
 import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -188,3 +189,25 @@ def test_idx_errors_name_the_shape(tmp_path: Path, images: np.ndarray) -> None:
     _write(tmp_path / "train-images-idx3-ubyte", _idx_bytes(np.zeros((4, 0, 0))))
     with pytest.raises(DataError, match=r"holds no pixels \(shape \(4, 0, 0\)\)"):
         load_dataset("idx", tmp_path)
+
+
+def test_a_folder_is_fingerprinted_by_its_files_not_by_resampled_pixels(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Resizing is a matrix product whose last bits vary with the CPU's BLAS: a checkpoint trained on one
+    machine must still find its data on another."""
+    import training.data
+
+    for i in range(3):
+        Image.fromarray(np.full((12, 12), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    here = load_dataset("folder", tmp_path, image_size=5)
+    resize = training.data.to_model
+
+    def another_blas(*args: Any, **kwargs: Any) -> np.ndarray:
+        return np.nextafter(resize(*args, **kwargs), np.float32(2.0))
+
+    monkeypatch.setattr(training.data, "to_model", another_blas)
+    elsewhere = load_dataset("folder", tmp_path, image_size=5)
+    assert not np.array_equal(here.images, elsewhere.images) and here.sha256 == elsewhere.sha256
+    Image.fromarray(np.full((12, 12), 7, np.uint8)).save(tmp_path / "1.png")
+    assert load_dataset("folder", tmp_path, image_size=5).sha256 != here.sha256

@@ -123,7 +123,7 @@ def test_a_fresh_run_leaves_no_best_checkpoint_of_an_earlier_one(tmp_path: Path)
         (["--val-fraction", "0.6", "--test-fraction", "0.6"], "val_fraction + test_fraction must leave"),
         (["--channels", "2"], "channels must be 1 or 3, got 2"),
         (["--logvar-min", "5", "--logvar-max", "-5"], "logvar_min must be below logvar_max"),
-        (["--data-dir", "somewhere"], "data_dir is for the idx and folder datasets"),
+        (["--data-dir", "somewhere"], "--data-dir is for the idx and folder datasets"),
     ],
 )
 def test_bad_settings_are_named_before_anything_runs(
