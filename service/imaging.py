@@ -27,6 +27,7 @@ __all__ = [
     "Floats",
     "ImageError",
     "ImageTooLarge",
+    "MAX_JPEG_MARKERS",
     "MAX_JPEG_SCANS",
     "SIZED_FORMATS",
     "SMALL_PIXELS",
@@ -76,6 +77,11 @@ _PILLOW_CHUNKS = frozenset({b"tRNS", b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"acTL"
 # Formats whose frames are images of their own (animations, pages): one with more than one frame is refused
 # rather than read as its first. MPO (a JPEG and its previews) and PSD (the layers of one picture) are not.
 _SEQUENCE_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF", "AVIF", "DCX", "FLI"})
+# Formats Pillow opens that are not decoded for an upload: EPS is rendered by running Ghostscript on the
+# file; BLP and IPTC wrap a JPEG that Pillow decodes at whatever size and number of scans it has, past the
+# size their header gives (and so past `max_pixels` and MAX_JPEG_SCANS). Pillow's stubs (BUFR, GRIB, HDF5,
+# WMF) need a handler registered in the process and are refused too.
+_REFUSED_FORMATS = frozenset({"EPS", "BLP", "IPTC"})
 # Resampling along a side by a cached (new size, size) matrix while it has at most this many weights; a
 # longer side goes one output pixel at a time (`_resample_axis`).
 _MATRIX_WEIGHTS = 1 << 16
@@ -83,6 +89,9 @@ _MATRIX_WEIGHTS = 1 << 16
 # image: a file of a few kilobytes repeating a scan thousands of times held the decoding thread for minutes
 # at 4096 x 4096 (about 7 ms a scan). Encoders write about ten.
 MAX_JPEG_SCANS = 100
+# Most markers walked to count them: an encoder writes a few hundred at most (about three a scan, restart
+# markers aside), and each costs the walk a step in Python (16 MiB of 4-byte comments took 1.7 s).
+MAX_JPEG_MARKERS = 4096
 _JPEG_START = b"\xff\xd8"
 # A JPEG marker: 0xFF and a code other than 0x00 (a stuffed byte of entropy-coded data), 0xD0-0xD7 (restart
 # markers, within entropy-coded data) and 0xFF (fill before a marker).
@@ -123,8 +132,8 @@ def read_pixels(
     plain = _plain_png(data, spec.channels, max_pixels)
     if plain is not None:
         return _composited(plain, spec.channels, light_background)
-    if data.startswith(_JPEG_START) and _jpeg_scans(data, MAX_JPEG_SCANS) > MAX_JPEG_SCANS:
-        raise ImageError(f"is a JPEG of more than {MAX_JPEG_SCANS} scans, the most this server decodes")
+    if data.startswith(_JPEG_START):
+        _check_jpeg_markers(data)
     try:
         with Image.open(io.BytesIO(data), formats=formats) as opened:
             width, height = opened.size
@@ -133,9 +142,7 @@ def read_pixels(
                     f"is {width}x{height} pixels, more than the {max_pixels} this server decodes "
                     "(VAE_MAX_IMAGE_PIXELS)"
                 )
-            if opened.format == "EPS" or isinstance(opened, ImageFile.StubImageFile):
-                # EPS is rendered by running Ghostscript on the file; stubs (BUFR, GRIB, HDF5, WMF) need
-                # a handler registered in the process. Neither is done for an upload.
+            if opened.format in _REFUSED_FORMATS or isinstance(opened, ImageFile.StubImageFile):
                 raise ImageError(f"is in the {opened.format} format, which this server does not decode")
             frames = getattr(opened, "n_frames", 1)
             if frames > 1 and opened.format in _SEQUENCE_FORMATS:
@@ -178,27 +185,27 @@ def to_model(images: Sequence[Floats], spec: InputSpec, *, invert: bool = False)
     return batch
 
 
-def _jpeg_scans(data: bytes, most: int) -> int:
-    """Scans of the JPEG that `data` starts with, counted up to `most` + 1.
+def _check_jpeg_markers(data: bytes) -> None:
+    """ImageError for a JPEG of more than MAX_JPEG_SCANS scans, or more than MAX_JPEG_MARKERS markers.
 
     Marker segments are skipped by their length (so a thumbnail inside EXIF is not counted), entropy-coded
     data by a search for the next marker, and nothing past the image's end marker is read (a motion photo
-    carries megabytes of video there). A file cut short ends the count: Pillow then says what is wrong.
+    carries megabytes of video there). A file cut short ends the walk: Pillow then says what is wrong.
     """
     scans, position = 0, len(_JPEG_START)
-    while (marker := _JPEG_MARKER.search(data, position)) is not None:
-        code = data[marker.start() + 1]
-        if code == _JPEG_END:
-            break
+    for _ in range(MAX_JPEG_MARKERS):
+        marker = _JPEG_MARKER.search(data, position)
+        if marker is None or (code := data[marker.start() + 1]) == _JPEG_END:
+            return
         position = marker.end()
         if code in _JPEG_NO_LENGTH:
             continue
         position += int.from_bytes(data[position : position + 2], "big")  # the length counts its 2 bytes
         if code == _JPEG_SCAN:
             scans += 1
-            if scans > most:
-                break
-    return scans
+        if scans > MAX_JPEG_SCANS:
+            raise ImageError(f"is a JPEG of more than {MAX_JPEG_SCANS} scans, the most this server decodes")
+    raise ImageError(f"is a JPEG of more than {MAX_JPEG_MARKERS} markers, the most this server reads")
 
 
 def _plain_png(data: bytes, channels: int, max_pixels: int | None) -> npt.NDArray[np.uint8] | None:

@@ -13,6 +13,7 @@ import gzip
 import hashlib
 import logging
 import math
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,7 +186,7 @@ def _load_folder(root: Path, image_size: int, channels: int, foreground: Literal
             arrays[i] = to_model([read_pixels(data, spec)], spec)[0]
         except (ImageError, OSError) as error:
             raise DataError(f"{path}: unreadable image: {error}") from error
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + len(data).to_bytes(8, "big"))
+        digest.update(os.fsencode(path.relative_to(root)) + b"\0" + len(data).to_bytes(8, "big"))
         digest.update(data)
     # Images in sub-directories are labelled by directory, in sorted order.
     class_names = sorted({p.parent.relative_to(root).as_posix() for p in images})

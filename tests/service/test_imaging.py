@@ -459,6 +459,16 @@ def test_a_jpeg_of_too_many_scans_is_refused_before_decoding() -> None:
         read_pixels(repeated, GREY)
 
 
+def test_a_jpeg_of_too_many_markers_is_refused_before_decoding() -> None:
+    """Empty comments before the end marker: each a step of the walk that counts scans."""
+    baseline = encoded(Image.fromarray(RAMP), "JPEG")
+    comments = b"\xff\xfe\x00\x02" * imaging.MAX_JPEG_MARKERS
+    with pytest.raises(ImageError, match="^is a JPEG of more than 4096 markers, the most this server reads$"):
+        read_pixels(baseline[:-2] + comments + b"\xff\xd9", GREY)
+    few = baseline[:-2] + b"\xff\xfe\x00\x02" * 100 + b"\xff\xd9"
+    np.testing.assert_allclose(load_image(few, GREY)[0], RAMP / 255.0, atol=0.05)
+
+
 def test_scan_markers_outside_the_image_are_not_counted() -> None:
     """Bytes after the end of the image (a motion photo's video) or inside EXIF hold no scans of it."""
     many = b"\xff\xda\x00\x02" * (imaging.MAX_JPEG_SCANS + 1)
@@ -471,10 +481,14 @@ def test_scan_markers_outside_the_image_are_not_counted() -> None:
     np.testing.assert_allclose(load_image(with_exif, GREY)[0], RAMP / 255.0, atol=0.05)
 
 
-def test_formats_that_need_an_outside_program_are_named_not_decoded() -> None:
+def test_formats_that_need_an_outside_program_or_wrap_a_jpeg_are_named_not_decoded() -> None:
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n%%EOF\n"
     with pytest.raises(ImageError, match="^is in the EPS format, which this server does not decode$"):
         read_pixels(eps, GREY)
+    # BLP (like IPTC) may hold a JPEG that Pillow decodes past the size and scans its header gives.
+    blp = encoded(Image.fromarray(RAMP).convert("P"), "BLP")
+    with pytest.raises(ImageError, match="^is in the BLP format, which this server does not decode$"):
+        read_pixels(blp, GREY)
     # A placeable WMF header (an 8 x 8 box at 72 units an inch), then the standard one's start: Pillow's stub.
     wmf = b"\xd7\xcd\xc6\x9a\x00\x00" + struct.pack("<4hH", 0, 0, 8, 8, 72) + bytes(6) + b"\x01\x00\t\x00"
     wmf += bytes(44)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import logging
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -211,3 +212,8 @@ def test_a_folder_is_fingerprinted_by_its_files_not_by_resampled_pixels(
     assert not np.array_equal(here.images, elsewhere.images) and here.sha256 == elsewhere.sha256
     Image.fromarray(np.full((12, 12), 7, np.uint8)).save(tmp_path / "1.png")
     assert load_dataset("folder", tmp_path, image_size=5).sha256 != here.sha256
+
+
+def test_a_folder_with_a_file_name_that_is_not_utf8_loads(tmp_path: Path) -> None:
+    Image.new("L", (8, 8), 9).save(tmp_path / os.fsdecode(b"caf\xe9.png"))
+    assert len(load_dataset("folder", tmp_path, image_size=8).images) == 1
