@@ -123,12 +123,16 @@ class Checkpoint:
     def splits(self) -> Splits:
         """The splits as the run saw them; DataError if the data is no longer what it trained on."""
         splits = load_splits(self.train_cfg)
+        self.check_data(splits)
+        return splits
+
+    def check_data(self, splits: Splits) -> None:
+        """DataError unless `splits` come from the data this checkpoint was trained on."""
         if self.data_sha256 not in (None, splits.sha256):
             raise DataError(
                 f"{splits.source}: the images differ from those this checkpoint was trained on, so its test "
                 "split would no longer be held out; restore them or train again"
             )
-        return splits
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
@@ -230,7 +234,8 @@ def _train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    train_split, val_split, _, source, data_sha256 = load_splits(cfg)
+    splits = load_splits(cfg)
+    train_split, val_split, _, source, data_sha256 = splits
     c, h, w = train_split.images.shape[1:]
     if (model_cfg.channels, model_cfg.height, model_cfg.width) != (c, h, w):
         raise ValueError(
@@ -269,8 +274,7 @@ def _train(
     if resume:
         ckpt = load_checkpoint(out / "last.pt")
         _check_resumable(out / "last.pt", ckpt, model_cfg, cfg)
-        if ckpt.data_sha256 not in (None, data_sha256):
-            raise DataError(f"{source}: the images differ from those the run in {out} has trained on")
+        ckpt.check_data(splits)
         served.load_state_dict(ckpt.model)
         if ckpt.raw_model is not None:
             model.load_state_dict(ckpt.raw_model)

@@ -36,6 +36,7 @@ __all__ = [
     "Upload",
     "decode_images",
     "latent_matrix",
+    "more_values_than",
     "parse_json",
     "read_body",
     "read_json",
@@ -120,13 +121,18 @@ def _refuse_too_many_values(request: Request, body: bytes) -> None:
     if settings is None or model is None:
         return
     most = 2 * (2 * (settings.max_latents + 1) * model.latent_dim + 2 * settings.max_images)
-    if len(body) > most and body.count(b",") >= most:
+    if more_values_than(body, most):
         raise validation_error(
             ("body",),
             f"the body holds more than {most} values; requests within this server's limits "
             f"(VAE_MAX_LATENTS, VAE_MAX_IMAGES) hold at most {most // 2}",
             "too_many_values",
         )
+
+
+def more_values_than(body: bytes, most: int) -> bool:
+    """Whether JSON `body` holds more than `most` values, counted by the commas between them, unparsed."""
+    return len(body) > most and body.count(b",") >= most
 
 
 async def read_json(request: Request, model: type[M]) -> M:

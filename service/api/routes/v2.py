@@ -27,7 +27,7 @@ from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.config import JsonDict
 
-from service.api.bodies import request_body
+from service.api.bodies import more_values_than, request_body
 from service.api.deps import ModelDep, SettingsDep
 from service.api.responses import NumpyJSONResponse
 from service.config import Settings
@@ -383,11 +383,12 @@ def _refuse_too_many_values(header: bytes, model: Model, settings: Settings) -> 
     """422 for JSON of more values than twice what any request within the limits holds, before parsing it.
 
     As for the other routes (`service.api.bodies`): 16 MiB of numbers took 1.5 s and 400 MB to parse and
-    check, on the event loop. Values are counted by the commas between them.
+    check, on the event loop.
     """
-    pixels = math.prod(_shape(model.card.encoder.inputs[0])[1:])
+    spec = model.card.input
+    pixels = spec.channels * spec.height * spec.width
     most = 2 * max(settings.max_images * pixels, settings.max_latents * model.latent_dim) + _STRUCTURE_COMMAS
-    if len(header) > most and header.count(b",") > most:
+    if more_values_than(header, most):
         raise _unrunnable(
             f"the request holds more than {most} values; one within this server's limits "
             f"(VAE_MAX_IMAGES, VAE_MAX_LATENTS) holds at most {most // 2}"
