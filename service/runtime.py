@@ -27,7 +27,17 @@ import onnxruntime as ort
 from service.config import Settings
 from service.model_card import ModelCard, OnnxFile, TensorSpec, load_card, sha256_file
 
-__all__ = ["CUDA", "Batcher", "Batching", "Floats", "Model", "ModelError", "RunObserver", "load_model"]
+__all__ = [
+    "CUDA",
+    "Batcher",
+    "Batching",
+    "Floats",
+    "Model",
+    "ModelError",
+    "RunObserver",
+    "load_model",
+    "with_options",
+]
 
 # uvicorn's own logger, so that the provider line appears in `make serve` output next to its startup lines.
 log = logging.getLogger("uvicorn.error")
@@ -43,6 +53,13 @@ _INTERFACE: dict[Graph, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "encoder": (("x",), ("mu", "logvar")),
     "decoder": (("z",), ("x_mean",)),
 }
+# The CUDA provider's options (ONNX Runtime's defaults otherwise). Full float32 in matrix products: TF32
+# would round their inputs to 10 bits, putting CUDA's answers ~1e-3 from the CPU's and the model card's
+# metrics, for no speed a model this small could notice. cuDNN picks a convolution algorithm by its
+# heuristics, instead of timing every algorithm at each batch size the first time it comes: with dynamic
+# batching every size up to VAE_BATCH_MAX_SIZE comes, and that search would stall a request each time.
+# bench/cuda.py measures both.
+_CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
 # Batch size of the warm-up run; 2 rather than 1 so a graph specialised to batch 1 fails here, not later.
 _WARMUP_BATCH = 2
 
@@ -344,6 +361,11 @@ def _choose_providers(requested: list[str]) -> list[str]:
     return chosen
 
 
+def with_options(providers: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """Execution providers as ONNX Runtime takes them, each with the options this service runs it with."""
+    return [(name, _CUDA_OPTIONS if name == CUDA else {}) for name in providers]
+
+
 def _session_options(settings: Settings) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
@@ -368,7 +390,9 @@ def _open(
         raise ModelError(f"{path}: sha256 is {digest} but model.json {graph}.sha256 says {spec.sha256}")
     try:
         session = ort.InferenceSession(
-            str(path), sess_options=_session_options(settings), providers=providers
+            str(path),
+            sess_options=_session_options(settings),
+            providers=with_options(providers),
         )
     except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
         raise ModelError(f"{path}: ONNX Runtime cannot load it ({error})") from error

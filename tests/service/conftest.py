@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 from collections.abc import Iterator
@@ -15,8 +16,10 @@ from service.main import create_app
 from service.model_card import ModelCard, load_card
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "default"
-# Tests run on the CPU provider only, so that they behave the same on machines with and without a GPU.
 CPU = ["CPUExecutionProvider"]
+# The service tests run on the CPU provider, so that they behave the same on machines with and without a
+# GPU; VAE_TEST_PROVIDERS=CUDAExecutionProvider runs them on the GPU instead (README, "On a GPU").
+PROVIDERS = os.environ.get("VAE_TEST_PROVIDERS", ",".join(CPU)).split(",")
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +36,10 @@ def card(model_dir: Path) -> ModelCard:
 
 @pytest.fixture(scope="session")
 def settings(model_dir: Path) -> Settings:
-    return Settings(model_dir=model_dir, providers=CPU, intra_op_threads=1)
+    # A GPU provider asked for must really run: no silent fall-back to the CPU.
+    return Settings(
+        model_dir=model_dir, providers=PROVIDERS, require_gpu=PROVIDERS != CPU, intra_op_threads=1
+    )
 
 
 @pytest.fixture(scope="session")

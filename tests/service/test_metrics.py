@@ -16,6 +16,7 @@ from pydantic import SecretStr
 from service.config import Settings
 from service.main import create_app
 from service.model_card import ModelCard
+from tests.service.conftest import PROVIDERS
 from tests.service.helpers import digit_png, files, with_state
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -96,7 +97,7 @@ def test_the_model_info_names_the_model_its_files_and_provider(fresh: TestClient
         name=card.name,
         encoder_sha256=card.encoder.sha256,
         decoder_sha256=card.decoder.sha256,
-        provider="CPUExecutionProvider",
+        provider=PROVIDERS[0],
     )
     assert info == 1
 

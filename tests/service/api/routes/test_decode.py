@@ -10,8 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.model_card import ModelCard
+from service.runtime import with_options
 from service.schemas import DecodeResponse
-from tests.service.conftest import LIMITS
+from tests.service.conftest import LIMITS, PROVIDERS
 from tests.service.helpers import body, decoded_png, detail, messages
 
 
@@ -20,8 +21,8 @@ def latents(n: int, d: int, seed: int = 0) -> list[list[float]]:
 
 
 def direct_decode(model_dir: Path, card: ModelCard, z: list[list[float]]) -> np.ndarray:
-    """The decoder run straight through ONNX Runtime, bypassing the service."""
-    session = ort.InferenceSession(str(model_dir / card.decoder.file), providers=["CPUExecutionProvider"])
+    """The decoder run straight through ONNX Runtime, bypassing the service (on the tests' provider)."""
+    session = ort.InferenceSession(str(model_dir / card.decoder.file), providers=with_options(PROVIDERS))
     (x_mean,) = session.run(["x_mean"], {"z": np.asarray(z, dtype=np.float32)})
     return np.asarray(x_mean)
 

@@ -115,7 +115,8 @@ def test_small_requests_are_decoded_on_the_loop_and_others_on_the_decoding_threa
 
     together = body(client.post("/encode", files=files(*tiles, long)), EncodeResponse)
     alone = [body(client.post("/encode", files=files(tile)), EncodeResponse).mu[0] for tile in tiles]
-    np.testing.assert_allclose(together.mu, [*alone, alone[0]], rtol=1e-6, atol=1e-7)  # batch vs single
+    # Batch vs single: the sums may run in another order for another batch size (on CUDA, ~2e-7).
+    np.testing.assert_allclose(together.mu, [*alone, alone[0]], rtol=0, atol=1e-6)
 
 
 def test_a_header_that_understates_the_size_does_not_hold_the_loop(

@@ -1,0 +1,182 @@
+"""The CUDA execution provider against the CPU one, on a machine with an NVIDIA GPU.
+
+    .venv/bin/python bench/cuda.py [--conv] [--model-dir DIR ...]
+
+For models/default (or each --model-dir), and with --conv also for `make bench`'s conv model with 28x28
+input (trained here for one epoch; needs the train extra): how far CUDA's outputs are from the CPU's (TF32
+on, as ONNX Runtime ships, and off, as the service runs), whether a batched CUDA run gives each row what a
+run of that row alone gives, the first run at a batch size not seen before (cuDNN's convolution search:
+EXHAUSTIVE, as ONNX Runtime ships, HEURISTIC, as the service runs, and DEFAULT) and the median run per batch
+size on each provider. Prints a table and writes bench/results/cuda-<date>.json. The service's own tests on
+CUDA: `VAE_TEST_PROVIDERS=CUDAExecutionProvider .venv/bin/pytest tests/service` (README, "On a GPU").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from service.model_card import load_card
+from service.runtime import with_options
+
+REPO = Path(__file__).resolve().parents[1]
+CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
+PARITY_SIZES = (1, 2, 7, 64, 256)
+TIMED_SIZES = (1, 16, 64, 256)
+FIRST_RUN_SIZES = (3, 5, 9, 17, 33)
+REPEATS = 200
+# The options the service opens the CUDA provider with (service/runtime.py).
+SERVICE_OPTIONS = dict(with_options([CUDA])[0][1])
+
+
+def session(path: Path, provider: str, options: dict[str, str] | None = None) -> ort.InferenceSession:
+    providers: list[Any] = [(CUDA, options or {}), CPU] if provider == CUDA else [CPU]
+    made = ort.InferenceSession(str(path), providers=providers)
+    if made.get_providers()[0] != provider:
+        raise SystemExit(f"{path}: {provider} is not active (ONNX Runtime runs {made.get_providers()})")
+    return made
+
+
+def inputs(name: str, shape: tuple[int, ...], rows: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    if name == "x":
+        return {name: rng.uniform(size=(rows, *shape)).astype(np.float32)}
+    return {name: rng.standard_normal((rows, *shape)).astype(np.float32)}
+
+
+def largest_difference(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b, strict=True))
+
+
+def median_run_us(made: ort.InferenceSession, feed: dict[str, np.ndarray]) -> float:
+    made.run(None, feed)
+    times = []
+    for _ in range(REPEATS):
+        start = time.perf_counter()
+        made.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+@contextmanager
+def native_stderr() -> Iterator[list[str]]:
+    """What native code (ONNX Runtime's logger) writes to file descriptor 2 inside the block, as lines."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines.extend(capture.read().splitlines())
+
+
+def measure(model_dir: Path) -> dict[str, Any]:
+    card = load_card(model_dir)
+    graphs = {
+        "encoder": (model_dir / card.encoder.file, "x", tuple(card.input_shape)),
+        "decoder": (model_dir / card.decoder.file, "z", (card.latent_dim,)),
+    }
+    result: dict[str, Any] = {
+        "model": f"{card.architecture}, input {'x'.join(map(str, card.input_shape))}, "
+        f"latent {card.latent_dim}",
+    }
+    for graph, (path, name, shape) in graphs.items():
+        cpu = session(path, CPU)
+        cuda = {"service": session(path, CUDA, SERVICE_OPTIONS), "ort_defaults": session(path, CUDA)}
+        parity: dict[str, dict[int, float]] = {f"{label}_vs_cpu": {} for label in cuda}
+        for rows in PARITY_SIZES:
+            feed = inputs(name, shape, rows, seed=rows)
+            expected = cpu.run(None, feed)
+            for label, made in cuda.items():
+                parity[f"{label}_vs_cpu"][rows] = largest_difference(made.run(None, feed), expected)
+        # Rows of one batch of 64 against each row run alone, on CUDA (dynamic batching's promise).
+        feed = inputs(name, shape, 64, seed=99)
+        for label, made in cuda.items():
+            together = made.run(None, feed)
+            alone = [made.run(None, {name: feed[name][i : i + 1]}) for i in range(64)]
+            joined = [np.concatenate([out[k] for out in alone]) for k in range(len(together))]
+            parity[f"batched_vs_alone_{label}"] = {64: largest_difference(together, joined)}
+        first_run: dict[str, dict[int, float]] = {}
+        fallback_lines: dict[str, int] = {}
+        for search in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
+            with native_stderr() as logged:
+                made = session(path, CUDA, SERVICE_OPTIONS | {"cudnn_conv_algo_search": search})
+                made.run(None, inputs(name, shape, 2, seed=0))
+                first_run[search] = {}
+                for rows in FIRST_RUN_SIZES:
+                    feed = inputs(name, shape, rows, seed=rows)
+                    start = time.perf_counter()
+                    made.run(None, feed)
+                    first_run[search][rows] = (time.perf_counter() - start) * 1e6
+            fallback_lines[search] = sum("Fallback mode" in line for line in logged)
+        timed: dict[str, dict[int, float]] = {CPU: {}, **{f"{CUDA} ({label})": {} for label in cuda}}
+        for label, made in ((CPU, cpu), *((f"{CUDA} ({k})", v) for k, v in cuda.items())):
+            for rows in TIMED_SIZES:
+                timed[label][rows] = median_run_us(made, inputs(name, shape, rows, seed=rows))
+        result[graph] = {
+            "parity": parity,
+            "first_run_us": first_run,
+            "fallback_mode_log_lines": fallback_lines,
+            "median_run_us": timed,
+        }
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model-dir", type=Path, action="append", help="default: models/default")
+    parser.add_argument("--conv", action="store_true", help="also the conv model of `make bench`")
+    args = parser.parse_args()
+    model_dirs = args.model_dir or [REPO / "models" / "default"]
+    if CUDA not in ort.get_available_providers():
+        sys.exit(f"this onnxruntime build has no {CUDA} (it has {ort.get_available_providers()})")
+    with tempfile.TemporaryDirectory() as work:
+        if args.conv:
+            from run import conv_model
+
+            model_dirs.append(conv_model(Path(work)))
+        models = [measure(path) for path in model_dirs]
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "onnxruntime": ort.__version__,
+        "models": models,
+    }
+    out = REPO / "bench" / "results" / f"cuda-{datetime.now(UTC):%Y-%m-%d}.json"
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for model in report["models"]:
+        print(f"\n{model['model']}")
+        for graph in ("encoder", "decoder"):
+            g = model[graph]
+            print(f"  {graph}: largest |CUDA - CPU| by batch size")
+            for key, values in g["parity"].items():
+                print(f"    {key:28s} " + "  ".join(f"{k}: {v:.1e}" for k, v in values.items()))
+            print("    first run at a new batch size, us (and 'Fallback mode' log lines):")
+            for key, values in g["first_run_us"].items():
+                runs = "  ".join(f"{k}: {v:.0f}" for k, v in values.items())
+                print(f"    {key:22s} {runs}  ({g['fallback_mode_log_lines'][key]})")
+            print("    median run, us:")
+            for key, values in g["median_run_us"].items():
+                print(f"    {key:40s} " + "  ".join(f"{k}: {v:.0f}" for k, v in values.items()))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()

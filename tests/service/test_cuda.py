@@ -1,0 +1,85 @@
+"""The CUDA execution provider: the CPU provider's answers, with the options the service sets.
+
+Skipped where ONNX Runtime can't run on CUDA (CI has no GPU). On a machine with one, these run in
+`make test`; `VAE_TEST_PROVIDERS=CUDAExecutionProvider` runs the whole service suite on CUDA as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.main import create_app
+from service.model_card import ModelCard
+from service.runtime import CUDA, Model, load_model
+from service.schemas import EncodeResponse, ReadyResponse
+from tests.service.conftest import CPU
+from tests.service.helpers import body, digit_png, files
+
+# Full float32 on both providers (the service turns TF32 off): only the order of the float32 sums differs.
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def on_cuda(model_dir: Path, cuda_active: bool) -> Iterator[Model]:
+    if not cuda_active:
+        pytest.skip("no working CUDA here")
+    model = load_model(Settings(model_dir=model_dir, providers=[CUDA, *CPU], require_gpu=True))
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def on_cpu(model_dir: Path) -> Model:
+    return load_model(Settings(model_dir=model_dir, providers=CPU, batching=False))
+
+
+def test_sessions_run_with_the_service_options(on_cuda: Model) -> None:
+    for session in (on_cuda.encoder, on_cuda.decoder):
+        options = session.get_provider_options()[CUDA]
+        assert options["use_tf32"] == "0"
+        assert options["cudnn_conv_algo_search"] == "HEURISTIC"
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 64])
+def test_cuda_answers_as_the_cpu_does(on_cuda: Model, on_cpu: Model, card: ModelCard, rows: int) -> None:
+    rng = np.random.default_rng(rows)
+    x = rng.uniform(size=(rows, *card.input_shape)).astype(np.float32)
+    z = rng.standard_normal((rows, card.latent_dim)).astype(np.float32)
+    for got, expected in zip(on_cuda.encode(x), on_cpu.encode(x), strict=True):
+        np.testing.assert_allclose(got, expected, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(on_cuda.decode(z), on_cpu.decode(z), rtol=0, atol=ATOL)
+
+
+def test_coalesced_cuda_runs_give_each_request_its_own_rows(on_cuda: Model, card: ModelCard) -> None:
+    sizes = [1, 3, 1, 7, 2, 5, 1, 4]
+    rng = np.random.default_rng(0)
+    zs = [rng.standard_normal((rows, card.latent_dim)).astype(np.float32) for rows in sizes]
+
+    async def all_at_once() -> list[np.ndarray]:
+        return list(await asyncio.gather(*(on_cuda.decode_async(z) for z in zs)))
+
+    for z, x_mean in zip(zs, asyncio.run(all_at_once()), strict=True):
+        np.testing.assert_allclose(x_mean, on_cuda.decode(z), rtol=0, atol=1e-6)
+
+
+def test_the_app_serves_on_cuda(model_dir: Path, cuda_active: bool) -> None:
+    if not cuda_active:
+        pytest.skip("no working CUDA here")
+    answers = {}
+    for providers in ([CUDA, *CPU], CPU):
+        settings = Settings(model_dir=model_dir, providers=providers, require_gpu=providers != CPU)
+        with TestClient(create_app(settings)) as client:
+            assert body(client.get("/ready"), ReadyResponse).provider == providers[0]
+            grid = client.get("/sample?n=16&format=grid&seed=5")
+            assert grid.status_code == 200 and grid.headers["content-type"] == "image/png"
+            answers[providers[0]] = body(client.post("/encode", files=files(digit_png(3))), EncodeResponse)
+    on_gpu, on_cpu = answers[CUDA], answers[CPU[0]]
+    np.testing.assert_allclose(on_gpu.mu, on_cpu.mu, rtol=0, atol=ATOL)
+    np.testing.assert_allclose(on_gpu.kl, on_cpu.kl, rtol=1e-5)
