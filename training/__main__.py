@@ -81,7 +81,10 @@ def _parser() -> argparse.ArgumentParser:
         help="torchrun process group (auto: nccl on GPUs)",
     )
     train.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto: cuda when available"
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="auto: cuda when there is a GPU for every process on this machine",
     )
     _add_dataclass_options(train, TrainConfig, skip=set())
     # The image shape comes from the data, so the model always fits it.

@@ -1,7 +1,9 @@
 """One process or many: rank, world and device of a training process, from torchrun's environment.
 
 `torchrun --nproc_per_node=N -m training train ...` sets RANK, WORLD_SIZE and LOCAL_RANK; without them the run
-is a single process. The backend is NCCL when the processes have GPUs and gloo on CPUs, unless told otherwise.
+is a single process. Each process takes the GPU of its local rank (`--device auto`: when the machine has a
+GPU for every process, else the CPU). The backend is NCCL when the processes have GPUs and gloo on CPUs,
+unless told otherwise.
 """
 
 from __future__ import annotations
@@ -55,12 +57,21 @@ class Context:
             dist.barrier()
 
 
-def _device(local_rank: int, device: str) -> torch.device:
+def _device(local_rank: int, local_world_size: int, device: str) -> torch.device:
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        # CUDA when every process on this machine can have a GPU of its own: the same answer on every rank.
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        device = "cuda" if 0 < local_world_size <= gpus else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+        # Each process takes the GPU of its local rank.
+        count = torch.cuda.device_count()
+        if local_rank >= count:
+            raise ValueError(
+                f"process of local rank {local_rank} has no GPU of its own: this machine has {count}; "
+                f"start at most {count} per machine (torchrun --nproc_per_node={count})"
+            )
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(device)
@@ -77,7 +88,7 @@ def distributed(backend: Backend = "auto", device: str = "auto") -> Iterator[Con
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = launched_rank()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    where = _device(local_rank, device)
+    where = _device(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")), device)
     if world_size == 1:
         yield Context(rank=0, world_size=1, device=where)
         return

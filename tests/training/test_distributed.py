@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from training.__main__ import main
+from training.distributed import _device
 from training.evaluate import evaluate
 from training.train import load_checkpoint, load_splits
 
@@ -40,6 +41,28 @@ def _test_loss(checkpoint: Path) -> float:
     ckpt = load_checkpoint(checkpoint)
     test = torch.from_numpy(load_splits(ckpt.train_cfg)[2].images)
     return evaluate(ckpt.build(), test, k=1, seed=0).neg_elbo
+
+
+@pytest.fixture
+def one_gpu(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """torch sees one CUDA device here; the devices processes take are recorded, not set."""
+    taken: list[int] = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", taken.append)
+    return taken
+
+
+def test_auto_takes_the_gpu_only_when_every_process_has_one(one_gpu: list[int]) -> None:
+    assert _device(0, 1, "auto") == torch.device("cuda", 0) and one_gpu == [0]
+    # Two processes on a one-GPU machine: both on the CPU (never one on each, which no backend joins).
+    assert _device(0, 2, "auto") == _device(1, 2, "auto") == torch.device("cpu")
+
+
+def test_more_processes_than_gpus_is_refused_by_name(one_gpu: list[int]) -> None:
+    with pytest.raises(ValueError, match=r"local rank 1 has no GPU of its own: this machine has 1; .*=1\)"):
+        _device(1, 2, "cuda")
+    assert one_gpu == []
 
 
 @pytest.mark.slow
