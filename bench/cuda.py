@@ -3,12 +3,13 @@
     .venv/bin/python bench/cuda.py [--conv] [--model-dir DIR ...]
 
 For models/default (or each --model-dir), and with --conv also for `make bench`'s conv model with 28x28
-input (trained here for one epoch; needs the train extra): how far CUDA's outputs are from the CPU's (TF32
-on, as ONNX Runtime ships, and off, as the service runs), whether a batched CUDA run gives each row what a
-run of that row alone gives, the first run at a batch size not seen before (cuDNN's convolution search:
-EXHAUSTIVE, as ONNX Runtime ships, HEURISTIC, as the service runs, and DEFAULT) and the median run per batch
-size on each provider. Prints a table and writes bench/results/cuda-<date>.json. The service's own tests on
-CUDA: `VAE_TEST_PROVIDERS=CUDAExecutionProvider .venv/bin/pytest tests/service` (README, "On a GPU").
+input (trained here for one epoch; needs the train extra): how far CUDA's outputs are from the CPU's (with
+the service's CUDA options, and with ONNX Runtime's defaults), whether a batched CUDA run gives each row
+what a run of that row alone gives, the first run at a batch size not seen before (cuDNN's convolution
+search: EXHAUSTIVE, as ONNX Runtime ships, HEURISTIC, as the service runs, and DEFAULT) and the median run
+per batch size on each. Sessions have the service's session options (threads, no spinning) except the
+"ort_defaults" ones. Prints a table and writes bench/results/cuda-<date>-<time>.json. The service's own
+tests on CUDA: `VAE_TEST_PROVIDERS=CUDAExecutionProvider .venv/bin/pytest tests/service` (README, "On a GPU").
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,8 +32,9 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from service.config import Settings
 from service.model_card import load_card
-from service.runtime import with_options
+from service.runtime import CUDA_OPTIONS, session_options
 
 REPO = Path(__file__).resolve().parents[1]
 CUDA, CPU = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -38,13 +42,15 @@ PARITY_SIZES = (1, 2, 7, 64, 256)
 TIMED_SIZES = (1, 16, 64, 256)
 FIRST_RUN_SIZES = (3, 5, 9, 17, 33)
 REPEATS = 200
-# The options the service opens the CUDA provider with (service/runtime.py).
-SERVICE_OPTIONS = dict(with_options([CUDA])[0][1])
 
 
-def session(path: Path, provider: str, options: dict[str, str] | None = None) -> ort.InferenceSession:
+def session(
+    path: Path, provider: str, options: dict[str, str] | None = None, service: bool = True
+) -> ort.InferenceSession:
+    """A session on `provider`: with the service's session options (threads, spinning), or ONNX Runtime's."""
     providers: list[Any] = [(CUDA, options or {}), CPU] if provider == CUDA else [CPU]
-    made = ort.InferenceSession(str(path), providers=providers)
+    settings = session_options(Settings(model_dir=path.parent)) if service else None
+    made = ort.InferenceSession(str(path), sess_options=settings, providers=providers)
     if made.get_providers()[0] != provider:
         raise SystemExit(f"{path}: {provider} is not active (ONNX Runtime runs {made.get_providers()})")
     return made
@@ -100,7 +106,10 @@ def measure(model_dir: Path) -> dict[str, Any]:
     }
     for graph, (path, name, shape) in graphs.items():
         cpu = session(path, CPU)
-        cuda = {"service": session(path, CUDA, SERVICE_OPTIONS), "ort_defaults": session(path, CUDA)}
+        cuda = {
+            "service": session(path, CUDA, dict(CUDA_OPTIONS)),
+            "ort_defaults": session(path, CUDA, service=False),
+        }
         parity: dict[str, dict[int, float]] = {f"{label}_vs_cpu": {} for label in cuda}
         for rows in PARITY_SIZES:
             feed = inputs(name, shape, rows, seed=rows)
@@ -118,7 +127,7 @@ def measure(model_dir: Path) -> dict[str, Any]:
         fallback_lines: dict[str, int] = {}
         for search in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
             with native_stderr() as logged:
-                made = session(path, CUDA, SERVICE_OPTIONS | {"cudnn_conv_algo_search": search})
+                made = session(path, CUDA, dict(CUDA_OPTIONS) | {"cudnn_conv_algo_search": search})
                 made.run(None, inputs(name, shape, 2, seed=0))
                 first_run[search] = {}
                 for rows in FIRST_RUN_SIZES:
@@ -140,6 +149,26 @@ def measure(model_dir: Path) -> dict[str, Any]:
     return result
 
 
+def machine() -> dict[str, Any]:
+    """The GPU, its driver, the CPUs and the software that ran the measurements."""
+    try:
+        gpu = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError) as error:
+        gpu = f"unknown (nvidia-smi: {error})"
+    return {
+        "gpu": gpu,
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "onnxruntime": ort.__version__,
+        "numpy": np.__version__,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-dir", type=Path, action="append", help="default: models/default")
@@ -154,14 +183,15 @@ def main() -> None:
 
             model_dirs.append(conv_model(Path(work)))
         models = [measure(path) for path in model_dirs]
-    report = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "onnxruntime": ort.__version__,
+    now = datetime.now(UTC)
+    report: dict[str, Any] = {
+        "date": now.isoformat(timespec="seconds"),
+        "machine": machine(),
         "models": models,
     }
-    out = REPO / "bench" / "results" / f"cuda-{datetime.now(UTC):%Y-%m-%d}.json"
+    out = REPO / "bench" / "results" / f"cuda-{now:%Y-%m-%d-%H%M}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
-    for model in report["models"]:
+    for model in models:
         print(f"\n{model['model']}")
         for graph in ("encoder", "decoder"):
             g = model[graph]

@@ -14,11 +14,12 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from dataclasses import field as dataclass_field
 from pathlib import Path
-from typing import Literal
+from types import MappingProxyType
+from typing import Final, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -29,14 +30,16 @@ from service.model_card import ModelCard, OnnxFile, TensorSpec, load_card, sha25
 
 __all__ = [
     "CUDA",
+    "CUDA_OPTIONS",
     "Batcher",
     "Batching",
     "Floats",
     "Model",
     "ModelError",
     "RunObserver",
+    "execution_providers",
     "load_model",
-    "with_options",
+    "session_options",
 ]
 
 # uvicorn's own logger, so that the provider line appears in `make serve` output next to its startup lines.
@@ -53,13 +56,14 @@ _INTERFACE: dict[Graph, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "encoder": (("x",), ("mu", "logvar")),
     "decoder": (("z",), ("x_mean",)),
 }
-# The CUDA provider's options (ONNX Runtime's defaults otherwise). Full float32 in matrix products: TF32
-# would round their inputs to 10 bits, putting CUDA's answers ~1e-3 from the CPU's and the model card's
-# metrics, for no speed a model this small could notice. cuDNN picks a convolution algorithm by its
-# heuristics, instead of timing every algorithm at each batch size the first time it comes: with dynamic
-# batching every size up to VAE_BATCH_MAX_SIZE comes, and that search would stall a request each time.
-# bench/cuda.py measures both.
-_CUDA_OPTIONS = {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+# The CUDA provider's options (ONNX Runtime's defaults otherwise), measured by bench/cuda.py. Full float32
+# in matrix products: TF32 would round their inputs to 10 bits, putting CUDA's answers ~1e-3 from the
+# CPU's (and batched ones as far from single ones). cuDNN picks a convolution algorithm by its heuristics
+# instead of timing every algorithm: it does that at each new input shape, and batch sizes vary with the
+# traffic; the first run at a new size then costs a few milliseconds on a conv model instead of 20-35.
+CUDA_OPTIONS: Final[Mapping[str, str]] = MappingProxyType(
+    {"use_tf32": "0", "cudnn_conv_algo_search": "HEURISTIC"}
+)
 # Batch size of the warm-up run; 2 rather than 1 so a graph specialised to batch 1 fails here, not later.
 _WARMUP_BATCH = 2
 
@@ -361,12 +365,13 @@ def _choose_providers(requested: list[str]) -> list[str]:
     return chosen
 
 
-def with_options(providers: list[str]) -> list[tuple[str, dict[str, str]]]:
+def execution_providers(names: list[str]) -> list[tuple[str, dict[str, str]]]:
     """Execution providers as ONNX Runtime takes them, each with the options this service runs it with."""
-    return [(name, _CUDA_OPTIONS if name == CUDA else {}) for name in providers]
+    return [(name, dict(CUDA_OPTIONS) if name == CUDA else {}) for name in names]
 
 
-def _session_options(settings: Settings) -> ort.SessionOptions:
+def session_options(settings: Settings) -> ort.SessionOptions:
+    """The session options every graph of the service is opened with."""
     options = ort.SessionOptions()
     options.intra_op_num_threads = settings.intra_op_threads
     # The graphs are chains of layers: nothing to gain from running operators side by side.
@@ -391,8 +396,8 @@ def _open(
     try:
         session = ort.InferenceSession(
             str(path),
-            sess_options=_session_options(settings),
-            providers=with_options(providers),
+            sess_options=session_options(settings),
+            providers=execution_providers(providers),
         )
     except Exception as error:  # onnxruntime raises its own exception types for unreadable graphs
         raise ModelError(f"{path}: ONNX Runtime cannot load it ({error})") from error

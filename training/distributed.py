@@ -9,6 +9,7 @@ unless told otherwise.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ import torch.distributed as dist
 __all__ = ["Backend", "Context", "distributed", "launched_rank"]
 
 Backend = Literal["auto", "nccl", "gloo"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -58,20 +61,30 @@ class Context:
 
 
 def _device(local_rank: int, local_world_size: int, device: str) -> torch.device:
+    """The device of the process of `local_rank` among `local_world_size` on this machine."""
+    # A launcher that sets LOCAL_RANK but not LOCAL_WORLD_SIZE runs at least local_rank + 1 processes here.
+    processes = max(local_world_size, local_rank + 1)
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if device == "auto":
         # CUDA when every process on this machine can have a GPU of its own: the same answer on every rank.
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        device = "cuda" if 0 < local_world_size <= gpus else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("--device cuda asked for, but torch sees no CUDA device")
-        # Each process takes the GPU of its local rank.
-        count = torch.cuda.device_count()
-        if local_rank >= count:
-            raise ValueError(
-                f"process of local rank {local_rank} has no GPU of its own: this machine has {count}; "
-                f"start at most {count} per machine (torchrun --nproc_per_node={count})"
+        device = "cuda" if processes <= gpus else "cpu"
+        if device == "cpu" and gpus and local_rank == 0:
+            log.warning(
+                "this machine has %d GPU(s) for %d processes: training on the CPU "
+                "(--nproc_per_node=%d puts one on each GPU)",
+                gpus,
+                processes,
+                gpus,
             )
+    if device == "cuda":
+        if not gpus:
+            raise ValueError("--device cuda asked for, but torch sees no CUDA device")
+        if processes > gpus:
+            raise ValueError(
+                f"--device cuda: this machine has {gpus} GPU(s) for {processes} processes; each process "
+                f"needs one of its own (torchrun --nproc_per_node={gpus})"
+            )
+        # Each process takes the GPU of its local rank.
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device(device)

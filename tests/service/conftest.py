@@ -14,12 +14,17 @@ from fastapi.testclient import TestClient
 from service.config import Settings
 from service.main import create_app
 from service.model_card import ModelCard, load_card
+from service.runtime import CUDA
 
 MODEL_DIR = Path(__file__).resolve().parents[2] / "models" / "default"
 CPU = ["CPUExecutionProvider"]
 # The service tests run on the CPU provider, so that they behave the same on machines with and without a
-# GPU; VAE_TEST_PROVIDERS=CUDAExecutionProvider runs them on the GPU instead (README, "On a GPU").
-PROVIDERS = os.environ.get("VAE_TEST_PROVIDERS", ",".join(CPU)).split(",")
+# GPU; VAE_TEST_PROVIDERS=CUDAExecutionProvider runs the tests of the shared `settings` and `client`
+# fixtures on the GPU instead (README, "On a GPU"). Read as VAE_PROVIDERS is: comma-separated, spaces
+# around names ignored.
+PROVIDERS = [
+    name.strip() for name in os.environ.get("VAE_TEST_PROVIDERS", "").split(",") if name.strip()
+] or CPU
 
 
 @pytest.fixture(scope="session")
@@ -36,9 +41,9 @@ def card(model_dir: Path) -> ModelCard:
 
 @pytest.fixture(scope="session")
 def settings(model_dir: Path) -> Settings:
-    # A GPU provider asked for must really run: no silent fall-back to the CPU.
+    # CUDA asked for first must really run: no silent fall-back to the CPU.
     return Settings(
-        model_dir=model_dir, providers=PROVIDERS, require_gpu=PROVIDERS != CPU, intra_op_threads=1
+        model_dir=model_dir, providers=PROVIDERS, require_gpu=PROVIDERS[0] == CUDA, intra_op_threads=1
     )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,34 +18,51 @@ from fastapi.testclient import TestClient
 from service.config import Settings
 from service.main import create_app
 from service.model_card import ModelCard
-from service.runtime import CUDA, Model, load_model
+from service.runtime import CUDA, CUDA_OPTIONS, Model, load_model
 from service.schemas import EncodeResponse, ReadyResponse
 from tests.service.conftest import CPU
 from tests.service.helpers import body, digit_png, files
 
 # Full float32 on both providers (the service turns TF32 off): only the order of the float32 sums differs.
 ATOL = 1e-5
+# Long enough that requests started together always join one run.
+GATHER_S = 0.2
 
 
 @pytest.fixture(scope="module")
 def on_cuda(model_dir: Path, cuda_active: bool) -> Iterator[Model]:
+    """The default model on CUDA; concurrent requests wait up to GATHER_S for each other."""
     if not cuda_active:
         pytest.skip("no working CUDA here")
-    model = load_model(Settings(model_dir=model_dir, providers=[CUDA, *CPU], require_gpu=True))
+    settings = Settings(
+        model_dir=model_dir,
+        providers=[CUDA, *CPU],
+        require_gpu=True,
+        batch_max_delay_us=int(GATHER_S * 1e6),
+    )
+    model = load_model(settings)
     yield model
     model.close()
 
 
 @pytest.fixture(scope="module")
-def on_cpu(model_dir: Path) -> Model:
-    return load_model(Settings(model_dir=model_dir, providers=CPU, batching=False))
+def on_cpu(model_dir: Path) -> Iterator[Model]:
+    model = load_model(Settings(model_dir=model_dir, providers=CPU, batching=False))
+    yield model
+    model.close()
 
 
 def test_sessions_run_with_the_service_options(on_cuda: Model) -> None:
     for session in (on_cuda.encoder, on_cuda.decoder):
         options = session.get_provider_options()[CUDA]
-        assert options["use_tf32"] == "0"
-        assert options["cudnn_conv_algo_search"] == "HEURISTIC"
+        assert (
+            {name: options[name] for name in CUDA_OPTIONS}
+            == CUDA_OPTIONS
+            == {
+                "use_tf32": "0",
+                "cudnn_conv_algo_search": "HEURISTIC",
+            }
+        )
 
 
 @pytest.mark.parametrize("rows", [1, 2, 7, 64])
@@ -58,14 +76,19 @@ def test_cuda_answers_as_the_cpu_does(on_cuda: Model, on_cpu: Model, card: Model
 
 
 def test_coalesced_cuda_runs_give_each_request_its_own_rows(on_cuda: Model, card: ModelCard) -> None:
+    rows_run: list[int] = []
+    model = replace(on_cuda, observer=lambda graph, rows, seconds: rows_run.append(rows))
     sizes = [1, 3, 1, 7, 2, 5, 1, 4]
     rng = np.random.default_rng(0)
     zs = [rng.standard_normal((rows, card.latent_dim)).astype(np.float32) for rows in sizes]
 
     async def all_at_once() -> list[np.ndarray]:
-        return list(await asyncio.gather(*(on_cuda.decode_async(z) for z in zs)))
+        return list(await asyncio.gather(*(model.decode_async(z) for z in zs)))
 
-    for z, x_mean in zip(zs, asyncio.run(all_at_once()), strict=True):
+    decoded = asyncio.run(all_at_once())
+    assert rows_run == [sum(sizes)]  # one CUDA run for all eight requests
+    for z, x_mean in zip(zs, decoded, strict=True):
+        # The batching promise (1e-6), which TF32 would break (bench/cuda.py: 5.7e-4 on this decoder).
         np.testing.assert_allclose(x_mean, on_cuda.decode(z), rtol=0, atol=1e-6)
 
 

@@ -17,11 +17,13 @@ from training.evaluate import evaluate
 from training.train import load_checkpoint, load_splits
 
 RECIPE = ["--epochs", "8", "--hidden", "64", "--latent-dim", "4", "--warmup-epochs", "2", "--ema-decay", "0"]
+# The CPU and gloo on any machine, GPUs or not.
+CPU = ["--device", "cpu"]
 
 
 def _torchrun(out: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    command += ["-m", "training", "train", "--out", str(out), *RECIPE, "--no-progress", *extra]
+    command += ["-m", "training", "train", "--out", str(out), *RECIPE, *CPU, "--no-progress", *extra]
     # One thread per process: two processes share this machine's cores.
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     # Its own process group, so that a hung run is stopped with every worker torchrun started.
@@ -53,16 +55,29 @@ def one_gpu(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return taken
 
 
-def test_auto_takes_the_gpu_only_when_every_process_has_one(one_gpu: list[int]) -> None:
+def test_auto_takes_the_gpu_only_when_every_process_has_one(
+    one_gpu: list[int], caplog: pytest.LogCaptureFixture
+) -> None:
     assert _device(0, 1, "auto") == torch.device("cuda", 0) and one_gpu == [0]
-    # Two processes on a one-GPU machine: both on the CPU (never one on each, which no backend joins).
+    assert not caplog.records
+    # Two processes and one GPU: both train on the CPU, never one on the GPU and one on the CPU.
     assert _device(0, 2, "auto") == _device(1, 2, "auto") == torch.device("cpu")
+    # Rank 0 alone says so.
+    assert [r.getMessage() for r in caplog.records] == [
+        "this machine has 1 GPU(s) for 2 processes: training on the CPU "
+        "(--nproc_per_node=1 puts one on each GPU)"
+    ]
 
 
-def test_more_processes_than_gpus_is_refused_by_name(one_gpu: list[int]) -> None:
-    with pytest.raises(ValueError, match=r"local rank 1 has no GPU of its own: this machine has 1; .*=1\)"):
-        _device(1, 2, "cuda")
+@pytest.mark.parametrize("local_rank", [0, 1])
+def test_more_processes_than_gpus_is_refused_on_every_rank(one_gpu: list[int], local_rank: int) -> None:
+    with pytest.raises(ValueError, match=r"has 1 GPU\(s\) for 2 processes; .*--nproc_per_node=1\)"):
+        _device(local_rank, 2, "cuda")
     assert one_gpu == []
+
+
+def test_a_launcher_without_local_world_size_counts_the_ranks(one_gpu: list[int]) -> None:
+    assert _device(1, 1, "auto") == torch.device("cpu")
 
 
 @pytest.mark.slow
@@ -72,7 +87,7 @@ def test_two_processes_match_one_and_resume(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "ddp").iterdir()) == ["best.pt", "last.pt"]
     assert done.stdout.count("best checkpoint:") == 1  # rank 0 alone reports
 
-    assert main(["train", "--out", str(tmp_path / "single"), *RECIPE, "--no-progress"]) == 0
+    assert main(["train", "--out", str(tmp_path / "single"), *RECIPE, *CPU, "--no-progress"]) == 0
     distributed, single = (
         _test_loss(tmp_path / "ddp" / "best.pt"),
         _test_loss(tmp_path / "single" / "best.pt"),

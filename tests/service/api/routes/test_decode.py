@@ -10,7 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from service.model_card import ModelCard
-from service.runtime import with_options
+from service.runtime import execution_providers
 from service.schemas import DecodeResponse
 from tests.service.conftest import LIMITS, PROVIDERS
 from tests.service.helpers import body, decoded_png, detail, messages
@@ -22,7 +22,8 @@ def latents(n: int, d: int, seed: int = 0) -> list[list[float]]:
 
 def direct_decode(model_dir: Path, card: ModelCard, z: list[list[float]]) -> np.ndarray:
     """The decoder run straight through ONNX Runtime, bypassing the service (on the tests' provider)."""
-    session = ort.InferenceSession(str(model_dir / card.decoder.file), providers=with_options(PROVIDERS))
+    path = model_dir / card.decoder.file
+    session = ort.InferenceSession(str(path), providers=execution_providers(PROVIDERS))
     (x_mean,) = session.run(["x_mean"], {"z": np.asarray(z, dtype=np.float32)})
     return np.asarray(x_mean)
 

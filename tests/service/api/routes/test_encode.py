@@ -44,7 +44,8 @@ def test_many_images_keep_their_order(client: TestClient) -> None:
         client.post("/encode", files=files(digit_png(0), digit_png(1), digit_png(2))), EncodeResponse
     )
     alone = [body(client.post("/encode", files=files(digit_png(i))), EncodeResponse).mu[0] for i in range(3)]
-    np.testing.assert_allclose(together.mu, alone, rtol=1e-6, atol=1e-7)  # batch vs single kernels
+    # Batch vs single: the sums may run in another order for another batch size (on CUDA, ~2e-7).
+    np.testing.assert_allclose(together.mu, alone, rtol=0, atol=1e-6)
 
 
 def test_large_images_are_decoded_while_other_requests_are_answered(
