@@ -23,8 +23,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.config import Settings
+from service.logs import native_stderr
 from service.model_card import load_card
 from service.runtime import CUDA_OPTIONS, session_options
 
@@ -75,23 +74,6 @@ def median_run_us(made: ort.InferenceSession, feed: dict[str, np.ndarray]) -> fl
         made.run(None, feed)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
-
-
-@contextmanager
-def native_stderr() -> Iterator[list[str]]:
-    """What native code (ONNX Runtime's logger) writes to file descriptor 2 inside the block, as lines."""
-    lines: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+") as capture:
-        os.dup2(capture.fileno(), 2)
-        try:
-            yield lines
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            lines.extend(capture.read().splitlines())
 
 
 def measure(model_dir: Path) -> dict[str, Any]:

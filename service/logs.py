@@ -9,17 +9,27 @@ request, written by the request middleware) adds `method`, `path`, `route`, `sta
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 from service import request_id
 
-__all__ = ["access_log", "configure_logging"]
+__all__ = ["access_log", "configure_logging", "native_stderr", "relay_native_log"]
 
 # One line per answered request; its level is INFO.
 access_log = logging.getLogger("service.access")
+
+# ONNX Runtime's own log lines: "<time> [W:onnxruntime:<logger>, <file:line> <function>] <message>", coloured.
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NATIVE = re.compile(r"^\S+ \S+ \[(?P<severity>[VIWEF]):onnxruntime:[^\]]*\] (?P<message>.*)$")
+_SEVERITY = {"V": logging.DEBUG, "I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR}
 
 
 class _RequestIdFilter(logging.Filter):
@@ -42,6 +52,43 @@ class _StdoutHandler(logging.Handler):
             sys.stdout.flush()
         except Exception:  # logging must never take the request down; the logging module reports it
             self.handleError(record)
+
+
+@contextmanager
+def native_stderr() -> Iterator[list[str]]:
+    """The lines native code (ONNX Runtime's logger) writes to file descriptor 2 inside the block.
+
+    The descriptor is the process's: keep the block to startup work, where no other thread writes to it.
+    """
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        os.dup2(capture.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            text = _ANSI.sub("", capture.read().decode("utf-8", errors="replace"))
+            lines.extend(line for line in text.splitlines() if line.strip())
+
+
+def relay_native_log(lines: list[str], logger: logging.Logger) -> None:
+    """Log what `native_stderr` caught as JSON records, each message once, at ONNX Runtime's own severity
+    up to WARNING: an error that stops the work raises too, and the caller reports that; one it carried on
+    from (a CUDA provider that could not start, when the CPU may run the model) is a warning here."""
+    records: dict[tuple[int, str], None] = {}
+    for line in lines:
+        match = _NATIVE.match(line)
+        if match is None:
+            records[logging.WARNING, line] = None
+        else:
+            level = min(_SEVERITY.get(match["severity"], logging.WARNING), logging.WARNING)
+            records[level, match["message"]] = None
+    for level, message in records:
+        logger.log(level, "%s", message)
 
 
 def configure_logging() -> None:

@@ -6,6 +6,7 @@ VAE_MODEL_DIR=models/default uvicorn --factory service.main:create_app
 from __future__ import annotations
 
 import gc
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict
@@ -25,9 +26,11 @@ from service.api.routes.v2 import error_key, is_protocol_path, protocol_error
 from service.config import Settings, get_settings
 from service.logs import configure_logging
 from service.metrics import Metrics
-from service.runtime import Model, load_model
+from service.runtime import Model, ModelError, load_model
 
 __all__ = ["CLIENT_CLOSED_REQUEST", "MAX_ERRORS", "State", "create_app"]
+
+log = logging.getLogger(__name__)
 
 # The cyclic collector's first threshold: allocations (net of frees) of tracked objects between two young
 # collections. Python's 700 is crossed whenever a few dozen requests wait at once (each holds its coroutines,
@@ -116,7 +119,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        model = load_model(settings, observer=metrics.observe_run)
+        try:
+            model = load_model(settings, observer=metrics.observe_run)
+        except ModelError as error:
+            # One line that says what is wrong, before uvicorn logs the traceback of the same failure.
+            log.error("cannot serve the model: %s", error)
+            raise
         metrics.describe(model)
         # What startup built (modules, routes, schemas, the model) lives as long as the process: frozen out
         # of the cyclic collector's full passes, which otherwise stall requests for tens of milliseconds.

@@ -26,6 +26,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from service.config import Settings
+from service.logs import native_stderr, relay_native_log
 from service.model_card import ModelCard, OnnxFile, TensorSpec, load_card, sha256_file
 
 __all__ = [
@@ -44,6 +45,8 @@ __all__ = [
 
 # uvicorn's own logger, so that the provider line appears in `make serve` output next to its startup lines.
 log = logging.getLogger("uvicorn.error")
+# ONNX Runtime's own log lines, relayed from its stderr while the model loads.
+native_log = logging.getLogger("onnxruntime")
 
 CUDA = "CUDAExecutionProvider"
 Floats = npt.NDArray[np.float32]
@@ -318,8 +321,34 @@ def load_model(settings: Settings, observer: RunObserver | None = None) -> Model
         raise ModelError(str(error)) from error
     _check_card(card)
     providers = _choose_providers(settings.providers)
-    encoder = _open(model_dir, "encoder", card.encoder, settings, providers)
-    decoder = _open(model_dir, "decoder", card.decoder, settings, providers)
+    # ONNX Runtime's own log lines (why CUDA did not start, say) come out as JSON records like every other.
+    logged: list[str] = []
+    try:
+        with native_stderr() as logged:
+            encoder = _open(model_dir, "encoder", card.encoder, settings, providers)
+            decoder = _open(model_dir, "decoder", card.decoder, settings, providers)
+            model = _checked(card, encoder, decoder, settings)
+            _warm_up(model)
+    finally:
+        relay_native_log(logged, native_log)
+    model = replace(model, observer=observer)
+    fallback = f" ({CUDA} requested but not active)" if CUDA in providers and model.provider != CUDA else ""
+    log.info(
+        "model %r (%s, latent %d, input %s) running on %s%s",
+        card.name,
+        card.architecture,
+        card.latent_dim,
+        "x".join(map(str, card.input_shape)),
+        model.provider,
+        fallback,
+    )
+    return model
+
+
+def _checked(
+    card: ModelCard, encoder: ort.InferenceSession, decoder: ort.InferenceSession, settings: Settings
+) -> Model:
+    """The model of the two sessions, which must run on the same providers (CUDA if required)."""
     in_use = tuple(encoder.get_providers())
     if tuple(decoder.get_providers()) != in_use:
         raise ModelError(
@@ -334,20 +363,7 @@ def load_model(settings: Settings, observer: RunObserver | None = None) -> Model
     batching = (
         Batching(settings.batch_max_size, settings.batch_max_delay_us / 1e6) if settings.batching else None
     )
-    model = Model(card=card, encoder=encoder, decoder=decoder, providers=in_use, batching=batching)
-    _warm_up(model)
-    model = replace(model, observer=observer)
-    fallback = f" ({CUDA} requested but not active)" if CUDA in providers and model.provider != CUDA else ""
-    log.info(
-        "model %r (%s, latent %d, input %s) running on %s%s",
-        card.name,
-        card.architecture,
-        card.latent_dim,
-        "x".join(map(str, card.input_shape)),
-        model.provider,
-        fallback,
-    )
-    return model
+    return Model(card=card, encoder=encoder, decoder=decoder, providers=in_use, batching=batching)
 
 
 def _choose_providers(requested: list[str]) -> list[str]:

@@ -249,4 +249,8 @@ def test_startup_faults_exit_non_zero_with_a_clear_message(
             output = stop(process)
         assert process.returncode == code, f"{name}: exit {process.returncode}\n{output}"
         assert message in output, f"{name}:\n{output}"
+        if code == 3:  # the model: one ERROR line says what, before the traceback
+            first_error = next(json.loads(line) for line in output.splitlines() if '"ERROR"' in line)
+            assert first_error["message"].startswith("cannot serve the model: "), output
+            assert message in first_error["message"], output
         assert "Uvicorn running on" not in output, f"{name} listened:\n{output}"

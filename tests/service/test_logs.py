@@ -6,6 +6,7 @@ import contextvars
 import io
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from PIL import Image
 
 from service import request_id
 from service.config import Settings
+from service.logs import native_stderr, relay_native_log
 from service.main import create_app
 from tests.service.test_main import service_env, stop, uvicorn, wait_ready
 
@@ -102,3 +104,45 @@ def test_uvicorn_writes_only_json_lines(model_dir: Path, free_port: int) -> None
     assert (access["logger"], access["route"], access["status"]) == ("service.access", "/sample", 200)
     # The access log is the service's own (with the request id), not uvicorn's as well.
     assert not any(entry["logger"] == "uvicorn.access" for entry in entries)
+
+
+def test_onnxruntime_lines_while_loading_become_json_records(
+    model_dir: Path, free_port: int, cuda_active: bool
+) -> None:
+    if cuda_active:
+        pytest.skip("CUDA starts here: ONNX Runtime has nothing to say")
+    # The default providers on a machine without CUDA: ONNX Runtime explains, on its stderr, why not.
+    env = service_env(model_dir, VAE_PROVIDERS="CUDAExecutionProvider,CPUExecutionProvider")
+    process = uvicorn(free_port, env)
+    try:
+        with httpx2.Client(base_url=f"http://127.0.0.1:{free_port}", timeout=5.0) as http:
+            wait_ready(process, http)
+    finally:
+        output = stop(process)
+    entries = json_lines(output)  # stdout and stderr together: every line is JSON
+    native = [entry for entry in entries if entry["logger"] == "onnxruntime"]
+    assert native and all(entry["level"] == "WARNING" for entry in native)
+    assert any("Failed to create CUDAExecutionProvider" in entry["message"] for entry in native)
+    assert len({entry["message"] for entry in native}) == len(native)  # each said once, not per graph
+    messages = [entry["message"] for entry in entries]
+    assert any("CUDAExecutionProvider requested but not active" in message for message in messages)
+
+
+def test_relayed_lines_keep_their_text_and_severity(caplog: pytest.LogCaptureFixture) -> None:
+    written = (
+        b"\x1b[0;93m2026-11-24 19:37:52.700709930 [W:onnxruntime:Default, conv.cc:426 UpdateState] "
+        b"OP Conv(node_conv2d) running in Fallback mode.\x1b[m\n"
+        b"2026-11-24 19:37:52.8 [I:onnxruntime:, inference_session.cc:1 Init] started\n"
+        b"\x1b[1;31m2026-11-24 19:37:52.9 [E:onnxruntime:Default, x.cc:2 f] could not\nload it\x1b[m\n"
+        b"\x1b[1;31m2026-11-24 19:37:52.9 [E:onnxruntime:Default, x.cc:2 f] could not\nload it\x1b[m\n"
+    )
+    with caplog.at_level(logging.DEBUG, logger="test.native"):
+        with native_stderr() as lines:
+            os.write(2, written)
+        relay_native_log(lines, logging.getLogger("test.native"))
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "test.native"] == [
+        ("WARNING", "OP Conv(node_conv2d) running in Fallback mode."),
+        ("INFO", "started"),
+        ("WARNING", "could not"),  # ONNX Runtime's errors it carried on from: at most warnings
+        ("WARNING", "load it"),  # a line of no known shape, as it came
+    ]
