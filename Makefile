@@ -2,8 +2,11 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch, installed before the `train` extra so pip never reaches for a CUDA build.
+# torch is installed pinned, before the `train` extra (which then finds it in place). On Linux, PyPI's torch
+# wheel is the CUDA build (with several GB of NVIDIA libraries): TORCH_INDEX_URL names another index, e.g.
+# https://download.pytorch.org/whl/cpu for the CPU build (the README's "Training" says when).
 TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
 # Where `make train` writes the exported default model.
@@ -22,7 +25,7 @@ $(VENV)/.serve-installed: pyproject.toml | $(BIN)/python
 
 # Training and development tools on top.
 $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION)
+	$(BIN)/python -m pip install --quiet torch==$(TORCH_VERSION) $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(BIN)/python -m pip install --quiet -e '.[train,dev]'
 	touch $@
 

@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     # How long the first request of a run may wait for others, in microseconds; 0 coalesces only the
     # requests that queued while the previous run was busy.
     batch_max_delay_us: int = Field(default=0, ge=0, le=1_000_000)
-    # Most images one request may carry (/encode, /reconstruct, /kl).
+    # Most images one request may carry (/encode, /reconstruct, /kl, /interpolate, /v2 encoder inference).
     max_images: int = Field(default=64, ge=1)
     # Most latents one request may carry or ask for (/decode, /kl, /sample?n=).
     max_latents: int = Field(default=256, ge=1)
@@ -73,11 +73,12 @@ class Settings(BaseSettings):
     # Most pixels one request's images may have together: bounds the memory and the event loop's time that
     # decoding one request takes (64 images of 4096 x 4096 would be 4 GiB of floats). Past it 413.
     max_request_pixels: int = Field(default=4096 * 4096, ge=1)
-    # Requests handled at once (/health and /ready aside); beyond it a request gets 503 with Retry-After
+    # Requests handled at once (the probes and /metrics aside); beyond it a request gets 503 with Retry-After
     # at once instead of waiting in a queue.
     max_in_flight: int = Field(default=128, ge=1)
-    # API keys (comma-separated in the environment); when set, every request but /health and /ready needs
-    # one, as `Authorization: Bearer <key>` or `X-API-Key: <key>`. Empty: no authentication.
+    # API keys (comma-separated in the environment); when set, every request needs one, as
+    # `Authorization: Bearer <key>` or `X-API-Key: <key>`, but the probes, /metrics, the API docs and the
+    # playground page (README, "Reliability"). Empty: no authentication.
     api_keys: Annotated[list[SecretStr], NoDecode] = []
     # Origins that browsers may call the API from (comma-separated; `*` for any). Empty: no CORS headers.
     cors_origins: Annotated[list[str], NoDecode] = []
