@@ -13,6 +13,7 @@ import os
 import re
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -29,6 +30,7 @@ access_log = logging.getLogger("service.access")
 # ONNX Runtime's own log lines: "<time> [W:onnxruntime:<logger>, <file:line> <function>] <message>", coloured.
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NATIVE = re.compile(r"^\S+ \S+ \[(?P<severity>[VIWEF]):onnxruntime:[^\]]*\] (?P<message>.*)$")
+_CAPTURE_TURN = threading.Lock()
 _SEVERITY = {"V": logging.DEBUG, "I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR}
 
 
@@ -59,11 +61,13 @@ def native_stderr() -> Iterator[list[str]]:
     """The lines native code (ONNX Runtime's logger) writes to file descriptor 2 inside the block.
 
     The descriptor is the process's: keep the block to startup work, where no other thread writes to it.
+    Blocks in several threads take turns (one restoring the descriptor while another holds it would leave
+    it pointing at a closed capture).
     """
     lines: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as capture:
+    with _CAPTURE_TURN, tempfile.TemporaryFile(mode="w+b") as capture:
+        sys.stderr.flush()
+        saved = os.dup(2)
         os.dup2(capture.fileno(), 2)
         try:
             yield lines

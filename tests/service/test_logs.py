@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +148,26 @@ def test_relayed_lines_keep_their_text_and_severity(caplog: pytest.LogCaptureFix
         ("WARNING", "could not"),  # ONNX Runtime's errors it carried on from: at most warnings
         ("WARNING", "load it"),  # a line of no known shape, as it came
     ]
+
+
+def test_captures_in_several_threads_take_turns_and_give_stderr_back() -> None:
+    before = os.fstat(2)
+    caught: dict[int, list[str]] = {}
+    start = threading.Barrier(4)
+
+    def capture(n: int) -> None:
+        start.wait()
+        with native_stderr() as lines:
+            os.write(2, f"thread {n} first\n".encode())
+            time.sleep(0.01)
+            os.write(2, f"thread {n} second\n".encode())
+        caught[n] = lines
+
+    threads = [threading.Thread(target=capture, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert caught == {n: [f"thread {n} first", f"thread {n} second"] for n in range(4)}
+    after = os.fstat(2)
+    assert (after.st_dev, after.st_ino) == (before.st_dev, before.st_ino)  # fd 2 is stderr again
