@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
@@ -108,7 +109,7 @@ def measure(model_dir: Path) -> dict[str, Any]:
         first_run: dict[str, dict[int, float]] = {}
         fallback_lines: dict[str, int] = {}
         for search in ("EXHAUSTIVE", "HEURISTIC", "DEFAULT"):
-            with native_stderr() as logged:
+            with native_stderr(logging.getLogger("onnxruntime")) as said:
                 made = session(path, CUDA, dict(CUDA_OPTIONS) | {"cudnn_conv_algo_search": search})
                 made.run(None, inputs(name, shape, 2, seed=0))
                 first_run[search] = {}
@@ -117,7 +118,7 @@ def measure(model_dir: Path) -> dict[str, Any]:
                     start = time.perf_counter()
                     made.run(None, feed)
                     first_run[search][rows] = (time.perf_counter() - start) * 1e6
-            fallback_lines[search] = sum("Fallback mode" in line for line in logged)
+            fallback_lines[search] = sum("Fallback mode" in message for message in said.messages)
         timed: dict[str, dict[int, float]] = {CPU: {}, **{f"{CUDA} ({label})": {} for label in cuda}}
         for label, made in ((CPU, cpu), *((f"{CUDA} ({k})", v) for k, v in cuda.items())):
             for rows in TIMED_SIZES:
@@ -156,6 +157,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, action="append", help="default: models/default")
     parser.add_argument("--conv", action="store_true", help="also the conv model of `make bench`")
     args = parser.parse_args()
+    logging.basicConfig(stream=sys.stdout, format="%(name)s %(levelname)s: %(message)s")
     model_dirs = args.model_dir or [REPO / "models" / "default"]
     if CUDA not in ort.get_available_providers():
         sys.exit(f"this onnxruntime build has no {CUDA} (it has {ort.get_available_providers()})")

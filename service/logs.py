@@ -12,17 +12,17 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 
 from pythonjsonlogger.core import RESERVED_ATTRS
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 from service import request_id
 
-__all__ = ["access_log", "configure_logging", "native_stderr", "relay_native_log"]
+__all__ = ["NativeLog", "access_log", "configure_logging", "native_stderr"]
 
 # One line per answered request; its level is INFO.
 access_log = logging.getLogger("service.access")
@@ -30,7 +30,9 @@ access_log = logging.getLogger("service.access")
 # ONNX Runtime's own log lines: "<time> [W:onnxruntime:<logger>, <file:line> <function>] <message>", coloured.
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NATIVE = re.compile(r"^\S+ \S+ \[(?P<severity>[VIWEF]):onnxruntime:[^\]]*\] (?P<message>.*)$")
-_CAPTURE_TURN = threading.Lock()
+_CAPTURE_TURN = threading.RLock()
+# Longest message relayed, in characters; the rest of a longer one is dropped.
+_MAX_MESSAGE = 16 * 1024
 _SEVERITY = {"V": logging.DEBUG, "I": logging.INFO, "W": logging.WARNING, "E": logging.ERROR}
 
 
@@ -56,43 +58,89 @@ class _StdoutHandler(logging.Handler):
             self.handleError(record)
 
 
+@dataclass
+class NativeLog:
+    """What native code wrote to stderr inside a `native_stderr` block."""
+
+    # Every line's message, in order, repeats included.
+    messages: list[str] = field(default_factory=list)
+    # ONNX Runtime's ERROR and FATAL messages, in order: for the caller's own error when the work failed.
+    errors: list[str] = field(default_factory=list)
+    # Each (level, message) already logged: a message repeated (once per graph, say) is logged once.
+    seen: set[tuple[int, str]] = field(default_factory=set)
+
+
 @contextmanager
-def native_stderr() -> Iterator[list[str]]:
-    """The lines native code (ONNX Runtime's logger) writes to file descriptor 2 inside the block.
+def native_stderr(logger: logging.Logger) -> Iterator[NativeLog]:
+    """Relay ONNX Runtime's log lines, written to file descriptor 2 inside the block, as records of
+    `logger`, line by line as they come, each message once, at ONNX Runtime's severity up to WARNING (an
+    error the work carried on from, a CUDA provider that could not start while the CPU may run the model,
+    is a warning here; one that stops it also raises, and `NativeLog.errors` has its text for the caller's
+    error). Any other line goes on to stderr as it was (a log handler writing to stderr included).
 
-    The descriptor is the process's: keep the block to startup work, where no other thread writes to it.
-    Blocks in several threads take turns (one restoring the descriptor while another holds it would leave
-    it pointing at a closed capture).
+    The descriptor is the process's: keep the block to startup work. Blocks take turns. Where stderr is
+    closed the block runs without the relay.
     """
-    lines: list[str] = []
-    with _CAPTURE_TURN, tempfile.TemporaryFile(mode="w+b") as capture:
-        sys.stderr.flush()
-        saved = os.dup(2)
-        os.dup2(capture.fileno(), 2)
+    said = NativeLog()
+    try:
+        os.fstat(2)
+    except OSError:
+        yield said
+        return
+    with _CAPTURE_TURN:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+        stderr = os.dup(2)
+        read_end, write_end = os.pipe()
+        relay = threading.Thread(
+            target=_relay, args=(read_end, stderr, logger, said), name="native-stderr", daemon=True
+        )
+        relay.start()
         try:
-            yield lines
+            try:
+                os.dup2(write_end, 2)
+            finally:
+                os.close(write_end)  # fd 2 holds the pipe's write end now
+            yield said
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            capture.seek(0)
-            text = _ANSI.sub("", capture.read().decode("utf-8", errors="replace"))
-            lines.extend(line for line in text.splitlines() if line.strip())
+            os.dup2(stderr, 2)  # closes the last write end: the relay reads to the end and stops
+            relay.join()
+            os.close(stderr)
 
 
-def relay_native_log(lines: list[str], logger: logging.Logger) -> None:
-    """Log what `native_stderr` caught as JSON records, each message once, at ONNX Runtime's own severity
-    up to WARNING: an error that stops the work raises too, and the caller reports that; one it carried on
-    from (a CUDA provider that could not start, when the CPU may run the model) is a warning here."""
-    records: dict[tuple[int, str], None] = {}
-    for line in lines:
-        match = _NATIVE.match(line)
-        if match is None:
-            records[logging.WARNING, line] = None
-        else:
-            level = min(_SEVERITY.get(match["severity"], logging.WARNING), logging.WARNING)
-            records[level, match["message"]] = None
-    for level, message in records:
-        logger.log(level, "%s", message)
+def _relay(read_end: int, stderr: int, logger: logging.Logger, said: NativeLog) -> None:
+    with os.fdopen(read_end, "rb", buffering=0) as pipe:
+        pending = b""
+        while chunk := pipe.read(65536):
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                _relay_line(line, stderr, logger, said)
+        if pending:
+            _relay_line(pending, stderr, logger, said)
+
+
+def _relay_line(raw: bytes, stderr: int, logger: logging.Logger, said: NativeLog) -> None:
+    try:
+        _relay_one(raw, stderr, logger, said)
+    except Exception:  # the relay must keep draining the pipe whatever a line does, or its writer blocks
+        pass
+
+
+def _relay_one(raw: bytes, stderr: int, logger: logging.Logger, said: NativeLog) -> None:
+    text = _ANSI.sub("", raw.decode("utf-8", errors="replace")).strip()
+    match = _NATIVE.match(text)
+    if match is None:
+        if text:  # not ONNX Runtime's: on to stderr as it came (a blank line or a colour reset: dropped)
+            os.write(stderr, raw + b"\n")
+        return
+    message = match["message"][:_MAX_MESSAGE]
+    said.messages.append(message)
+    if match["severity"] in ("E", "F"):
+        said.errors.append(message)
+    key = (min(_SEVERITY.get(match["severity"], logging.WARNING), logging.WARNING), message)
+    if key not in said.seen:
+        said.seen.add(key)
+        logger.log(*key)
 
 
 def configure_logging() -> None:

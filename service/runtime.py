@@ -26,7 +26,7 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from service.config import Settings
-from service.logs import native_stderr, relay_native_log
+from service.logs import NativeLog, native_stderr
 from service.model_card import ModelCard, OnnxFile, TensorSpec, load_card, sha256_file
 
 __all__ = [
@@ -322,15 +322,18 @@ def load_model(settings: Settings, observer: RunObserver | None = None) -> Model
     _check_card(card)
     providers = _choose_providers(settings.providers)
     # ONNX Runtime's own log lines (why CUDA did not start, say) come out as JSON records like every other.
-    logged: list[str] = []
+    said = NativeLog()
     try:
-        with native_stderr() as logged:
+        with native_stderr(native_log) as said:
             encoder = _open(model_dir, "encoder", card.encoder, settings, providers)
             decoder = _open(model_dir, "decoder", card.decoder, settings, providers)
             model = _checked(card, encoder, decoder, settings)
             _warm_up(model)
-    finally:
-        relay_native_log(logged, native_log)
+    except ModelError as error:
+        if said.errors:  # the cause, in the error that is reported (VAE_REQUIRE_GPU without CUDA, say)
+            causes = " | ".join(dict.fromkeys(said.errors))
+            raise ModelError(f"{error}; ONNX Runtime said: {causes}") from error
+        raise
     model = replace(model, observer=observer)
     fallback = f" ({CUDA} requested but not active)" if CUDA in providers and model.provider != CUDA else ""
     log.info(

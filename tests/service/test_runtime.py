@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 
@@ -60,8 +61,12 @@ def test_require_gpu_on_a_cpu_machine_stops_startup(model_dir: Path, cuda_active
         pytest.skip("CUDA is active here; the refusal only happens without it")
     with pytest.raises(
         ModelError, match=r"VAE_REQUIRE_GPU=true but ONNX Runtime runs on CPUExecutionProvider"
-    ):
+    ) as refused:
         load_model(Settings(model_dir=model_dir, require_gpu=True))
+    if CUDA in ort.get_available_providers():
+        # The build has the provider but it could not start: the error carries ONNX Runtime's reason.
+        assert "; ONNX Runtime said: " in str(refused.value)
+        assert "onnxruntime_providers_cuda" in str(refused.value).split("ONNX Runtime said: ")[1]
 
 
 def test_require_gpu_on_a_gpu_machine_runs_on_cuda(model_dir: Path, cuda_active: bool) -> None:
