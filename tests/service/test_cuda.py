@@ -1,7 +1,8 @@
 """The CUDA execution provider: the CPU provider's answers, with the options the service sets.
 
 Skipped where ONNX Runtime can't run on CUDA (CI has no GPU). On a machine with one, these run in
-`make test`; `VAE_TEST_PROVIDERS=CUDAExecutionProvider` runs the whole service suite on CUDA as well.
+`make test`; `VAE_TEST_PROVIDERS=CUDAExecutionProvider` moves the tests of the shared `settings` and
+`client` fixtures onto CUDA as well.
 """
 
 from __future__ import annotations
