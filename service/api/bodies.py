@@ -41,6 +41,7 @@ __all__ = [
     "read_body",
     "read_json",
     "quoted",
+    "refuse_invert_without_images",
     "request_body",
     "validation_error",
 ]
@@ -79,6 +80,14 @@ def validation_error(
 ) -> RequestValidationError:
     """A 422 shaped like FastAPI's own: `{"detail": [{"type", "loc", "msg"}]}`."""
     return RequestValidationError([{"type": kind, "loc": loc, "msg": message}])
+
+
+def refuse_invert_without_images(invert: bool) -> None:
+    """`invert` flips uploaded images: a JSON body of latents has none to flip (422, not ignored)."""
+    if invert:
+        raise validation_error(
+            ("query", "invert"), "invert=true flips uploaded images; this JSON body has none (send images)"
+        )
 
 
 def _media_type(request: Request) -> str:

@@ -63,6 +63,27 @@ def _at_most(setting: str) -> AfterValidator:
     return AfterValidator(check)
 
 
+def _png_only(value: int, info: ValidationInfo) -> int:
+    """`scale` enlarges PNGs: with array or npy pixels, which it leaves as they are, it is refused."""
+    image_format = info.data.get("format")
+    if value != 1 and image_format in ("array", "npy"):
+        raise PydanticCustomError(
+            "value_error",
+            "scale enlarges PNGs (format=png or grid); format={format} returns the pixels unscaled",
+            {"format": image_format},
+        )
+    return value
+
+
+def _with_draws(value: int | None, info: ValidationInfo) -> int | None:
+    """`seed` seeds the z draws: with samples=0 there are none, and it is refused."""
+    if value is not None and info.data.get("samples") == 0:
+        raise PydanticCustomError(
+            "value_error", "seed seeds the z draws, and samples=0 asks for none: add samples=k or drop seed"
+        )
+    return value
+
+
 Count = Annotated[
     int,
     Field(ge=1, description="How many latents to draw and decode (at most VAE_MAX_LATENTS)."),
@@ -80,8 +101,12 @@ Steps = Annotated[
 ]
 Scale = Annotated[
     int,
-    Field(ge=1, description="Nearest-neighbour upscaling of PNG outputs (at most VAE_MAX_SCALE)."),
+    Field(
+        ge=1,
+        description="Nearest-neighbour upscaling of PNG outputs, png or grid (at most VAE_MAX_SCALE).",
+    ),
     _at_most("max_scale"),
+    AfterValidator(_png_only),
 ]
 Seed = Annotated[
     int | None,
@@ -135,7 +160,7 @@ class EncodeOptions(Options):
 
     invert: Invert = False
     samples: Draws = 0
-    seed: Seed = None
+    seed: Annotated[Seed, AfterValidator(_with_draws)] = None
 
 
 class KLOptions(Options):

@@ -12,6 +12,7 @@ from service.api.bodies import (
     latent_matrix,
     parse_json,
     read_body,
+    refuse_invert_without_images,
     request_body,
     validation_error,
 )
@@ -45,6 +46,7 @@ async def interpolate(request: Request) -> Response:
         images = await body_images(body, model, settings, invert=options.invert, limit=2)
         ends, _ = await model.encode_async(images)
     else:
+        refuse_invert_without_images(options.invert)
         latents = parse_json(InterpolateRequest, body).latents
         ends = latent_matrix(latents, model.latent_dim, loc=("body", "latents"), noun="latent", limit=2)
     path = gaussian.interpolate(ends[0], ends[1], options.steps, options.method).astype(np.float32)

@@ -11,6 +11,7 @@ from service.api.bodies import (
     latent_matrix,
     parse_json,
     read_body,
+    refuse_invert_without_images,
     request_body,
     validation_error,
 )
@@ -45,6 +46,7 @@ async def kl(request: Request) -> Response:
         images = await body_images(body, model, settings, invert=options.invert)
         per_dim = gaussian.kl_to_prior(*await model.encode_async(images))
     else:
+        refuse_invert_without_images(options.invert)
         query = parse_json(KLRequest, body)
         d, limit = model.latent_dim, settings.max_latents
         mu = latent_matrix(_rows(query.mu), d, loc=("body", "mu"), noun="mu", limit=limit)

@@ -12,7 +12,7 @@ from service.api.options import SampleOptions, parse_query
 from service.config import Settings
 from service.model_card import ModelCard
 from service.schemas import SampleResponse
-from tests.service.helpers import body, detail, messages
+from tests.service.helpers import body, detail, digit_png, files, messages
 
 
 def test_defaults_and_types(settings: Settings) -> None:
@@ -30,6 +30,45 @@ def test_unknown_and_repeated_parameters_are_refused(client: TestClient) -> None
         (("query", "sample"), "unknown option; this endpoint takes invert, samples, seed"),
     ]
     assert len(body(client.get("/sample?n=2&seed=0&format=array"), SampleResponse).latents) == 2
+
+
+def test_options_the_request_cannot_use_are_refused_not_ignored(client: TestClient, card: ModelCard) -> None:
+    z = np.zeros((2, card.latent_dim)).tolist()
+    png = digit_png(0)
+    scale = "scale enlarges PNGs (format=png or grid); format={} returns the pixels unscaled"
+    invert = "invert=true flips uploaded images; this JSON body has none (send images)"
+    refused = [
+        (client.get("/sample?format=array&scale=2"), ("query", "scale"), scale.format("array")),
+        (client.get("/sample?format=npy&scale=2"), ("query", "scale"), scale.format("npy")),
+        (
+            client.post("/decode?format=array&scale=2", json={"latents": z}),
+            ("query", "scale"),
+            scale.format("array"),
+        ),
+        (
+            client.post("/reconstruct?format=npy&scale=2", files=files(png)),
+            ("query", "scale"),
+            scale.format("npy"),
+        ),
+        (
+            client.post("/encode?seed=5", files=files(png)),
+            ("query", "seed"),
+            "seed seeds the z draws, and samples=0 asks for none: add samples=k or drop seed",
+        ),
+        (client.post("/kl?invert=true", json={"mu": z[0], "logvar": z[0]}), ("query", "invert"), invert),
+        (client.post("/interpolate?invert=true", json={"latents": z}), ("query", "invert"), invert),
+    ]
+    for response, loc, message in refused:
+        assert messages(response) == [(loc, message)], response.request.url
+    # Where they apply, the same options are served.
+    for response in (
+        client.get("/sample?format=grid&scale=2"),
+        client.get("/sample?format=array&scale=1"),
+        client.post("/encode?samples=2&seed=5", files=files(png)),
+        client.post("/kl?invert=true", files=files(png)),
+        client.post("/interpolate?invert=true", files=files(png, digit_png(1))),
+    ):
+        assert response.status_code == 200, (response.request.url, response.text)
 
 
 def test_every_bad_option_is_reported_at_once(limited: TestClient) -> None:
