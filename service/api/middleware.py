@@ -52,6 +52,11 @@ class RequestMiddleware:
             await self.app(scope, receive, send)
             return
         start = perf_counter()
+        method = scope["method"]
+        # HEAD is GET without the body (RFC 9110, 9.3.2): routed as GET, the body left unsent. The server
+        # knows the request was HEAD too (uvicorn sends no body for it); this covers any other.
+        head = method == "HEAD"
+        app_scope = {**scope, "method": "GET"} if head else scope
         given = next((value for name, value in scope["headers"] if name == _HEADER), None)
         rid = request_id.accept(given)
         id_header = (_HEADER, rid.encode("ascii"))
@@ -66,25 +71,27 @@ class RequestMiddleware:
                 if not any(name.lower() == _HEADER for name, _ in headers):
                     headers.append(id_header)
                 message["headers"] = headers
+            elif head and message["type"] == "http.response.body" and message.get("body"):
+                message = {**message, "body": b""}
             await send(message)
 
         self.metrics.in_flight.inc()
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(app_scope, receive, send_with_id)
         finally:
             seconds = perf_counter() - start
             self.metrics.in_flight.dec()
-            route = self._route(scope)
-            self.metrics.observe_request(scope["method"], route, status, seconds)
+            route = self._route(app_scope)
+            self.metrics.observe_request(method, route, status, seconds)
             if self.log_requests:
                 access_log.info(
                     "%s %s %d",
-                    scope["method"],
+                    method,
                     scope["path"],
                     status,
                     extra={
                         "request_id": rid,
-                        "method": scope["method"],
+                        "method": method,
                         "path": scope["path"],
                         "route": route,
                         "status": status,
