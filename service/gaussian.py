@@ -33,11 +33,13 @@ _PARALLEL = 1e-6
 def kl_to_prior(mu: npt.ArrayLike, logvar: npt.ArrayLike) -> Array:
     """KL(N(mu, sigma^2) || N(0, I)) per dimension, in nats (..., D).
 
-    Kingma & Welling (2014), Appendix B: -KL = 1/2 sum(1 + log sigma^2 - mu^2 - sigma^2).
+    Kingma & Welling (2014), Appendix B: -KL = 1/2 sum(1 + log sigma^2 - mu^2 - sigma^2), with
+    sigma^2 - 1 as expm1(log sigma^2): exact near the prior, where KL is the small difference of terms
+    near 1, and never below 0.
     """
     mu = np.asarray(mu, dtype=np.float64)
     logvar = np.asarray(logvar, dtype=np.float64)
-    kl: Array = 0.5 * (np.exp(logvar) + mu * mu - 1.0 - logvar)
+    kl: Array = np.maximum(0.5 * (np.expm1(logvar) - logvar + mu * mu), 0.0)
     return kl
 
 
@@ -46,15 +48,17 @@ def kl_between(
 ) -> Array:
     """KL(q || p) between diagonal Gaussians per dimension, in nats (broadcast to (..., D)).
 
-    1/2 (log sigma_p^2 - log sigma_q^2 + (sigma_q^2 + (mu_q - mu_p)^2) / sigma_p^2 - 1); p = N(0, I) gives
-    `kl_to_prior`.
+    1/2 (log sigma_p^2 - log sigma_q^2 + (sigma_q^2 + (mu_q - mu_p)^2) / sigma_p^2 - 1), written with
+    r = log sigma_q^2 - log sigma_p^2 as 1/2 (expm1(r) - r + (mu_q - mu_p)^2 / sigma_p^2): 0 exactly for
+    q = p, never below 0. p = N(0, I) gives `kl_to_prior`.
     """
     mu_q = np.asarray(mu_q, dtype=np.float64)
     logvar_q = np.asarray(logvar_q, dtype=np.float64)
     mu_p = np.asarray(mu_p, dtype=np.float64)
     logvar_p = np.asarray(logvar_p, dtype=np.float64)
     diff = mu_q - mu_p
-    kl: Array = 0.5 * (logvar_p - logvar_q + (np.exp(logvar_q) + diff * diff) * np.exp(-logvar_p) - 1.0)
+    ratio = logvar_q - logvar_p
+    kl: Array = np.maximum(0.5 * (np.expm1(ratio) - ratio + diff * diff * np.exp(-logvar_p)), 0.0)
     return kl
 
 
