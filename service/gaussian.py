@@ -34,8 +34,8 @@ def kl_to_prior(mu: npt.ArrayLike, logvar: npt.ArrayLike) -> Array:
     """KL(N(mu, sigma^2) || N(0, I)) per dimension, in nats (..., D).
 
     Kingma & Welling (2014), Appendix B: -KL = 1/2 sum(1 + log sigma^2 - mu^2 - sigma^2), with
-    sigma^2 - 1 as expm1(log sigma^2): exact near the prior, where KL is the small difference of terms
-    near 1, and never below 0.
+    sigma^2 - 1 as expm1(log sigma^2): accurate near the prior, where KL is the small difference of terms
+    near 1, 0 at the prior itself, and never below 0.
     """
     mu = np.asarray(mu, dtype=np.float64)
     logvar = np.asarray(logvar, dtype=np.float64)
@@ -50,7 +50,8 @@ def kl_between(
 
     1/2 (log sigma_p^2 - log sigma_q^2 + (sigma_q^2 + (mu_q - mu_p)^2) / sigma_p^2 - 1), written with
     r = log sigma_q^2 - log sigma_p^2 as 1/2 (expm1(r) - r + (mu_q - mu_p)^2 / sigma_p^2): 0 exactly for
-    q = p, never below 0. p = N(0, I) gives `kl_to_prior`.
+    q = p (a mean term of 0 even where 1 / sigma_p^2 overflows), never below 0. p = N(0, I) gives
+    `kl_to_prior`.
     """
     mu_q = np.asarray(mu_q, dtype=np.float64)
     logvar_q = np.asarray(logvar_q, dtype=np.float64)
@@ -58,7 +59,9 @@ def kl_between(
     logvar_p = np.asarray(logvar_p, dtype=np.float64)
     diff = mu_q - mu_p
     ratio = logvar_q - logvar_p
-    kl: Array = np.maximum(0.5 * (np.expm1(ratio) - ratio + diff * diff * np.exp(-logvar_p)), 0.0)
+    with np.errstate(over="ignore", invalid="ignore"):
+        spread = np.where(diff == 0.0, 0.0, diff * diff * np.exp(-logvar_p))
+    kl: Array = np.maximum(0.5 * (np.expm1(ratio) - ratio + spread), 0.0)
     return kl
 
 

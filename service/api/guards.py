@@ -230,7 +230,7 @@ def install(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=settings.cors_origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "HEAD", "POST"],
             allow_headers=["Authorization", "Content-Type", "X-API-Key", request_id.HEADER],
             expose_headers=[request_id.HEADER, "Retry-After"],
         )

@@ -24,6 +24,15 @@ _HEADER = request_id.HEADER.lower().encode("ascii")
 UNMATCHED = "unmatched"
 
 
+def _with_head(name: bytes, value: bytes) -> tuple[bytes, bytes]:
+    """A 405's Allow header names HEAD wherever it names GET: HEAD is answered as GET."""
+    if name.lower() == b"allow":
+        methods = [method.strip() for method in value.split(b",")]
+        if b"GET" in methods and b"HEAD" not in methods:
+            value = b", ".join([*methods, b"HEAD"])
+    return name, value
+
+
 class RequestMiddleware:
     """Takes or makes the request id (and returns it), counts and times the request, logs it."""
 
@@ -70,6 +79,8 @@ class RequestMiddleware:
                 headers = list(message.get("headers", ()))
                 if not any(name.lower() == _HEADER for name, _ in headers):
                     headers.append(id_header)
+                if status == 405:
+                    headers = [_with_head(name, value) for name, value in headers]
                 message["headers"] = headers
             elif head and message["type"] == "http.response.body" and message.get("body"):
                 message = {**message, "body": b""}

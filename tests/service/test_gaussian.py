@@ -64,6 +64,8 @@ def test_kl_is_never_negative(
 def test_kl_of_a_gaussian_from_itself_is_zero(mu: np.ndarray, logvar: np.ndarray) -> None:
     np.testing.assert_array_equal(gaussian.kl_between(mu, logvar, mu, logvar), 0.0)
     np.testing.assert_array_equal(gaussian.kl_to_prior(np.zeros(D), np.zeros(D)), 0.0)
+    # Even where 1 / sigma_p^2 overflows: no 0 x inf = NaN from the mean term.
+    np.testing.assert_array_equal(gaussian.kl_between(0.0, -720.0, 0.0, -720.0), 0.0)
 
 
 def test_kl_broadcasts_a_batch_against_one_target() -> None:

@@ -355,6 +355,16 @@ def test_cors_origins_from_settings(guarded: TestClient) -> None:
     response = guarded.post("/decode", json=LATENTS, headers={"Origin": ORIGIN, **bearer(KEYS[0])})
     assert response.headers["access-control-allow-origin"] == ORIGIN
     assert "x-request-id" in response.headers["access-control-expose-headers"].lower()
+    # HEAD, answered as GET, is allowed across origins as GET is.
+    head = guarded.options(
+        "/model",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "HEAD",
+            "Access-Control-Request-Headers": "x-api-key",
+        },
+    )
+    assert head.status_code == 200 and "HEAD" in head.headers["access-control-allow-methods"]
     other = guarded.options(
         "/decode", headers={"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
     )

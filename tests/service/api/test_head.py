@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 import pytest
 from fastapi.testclient import TestClient
+from starlette.types import Message, Receive, Scope, Send
+
+from service.api.middleware import RequestMiddleware
+from service.metrics import Metrics
 
 
 @pytest.mark.parametrize(
@@ -34,3 +39,28 @@ def test_head_of_a_post_route_is_refused_as_get_is(client: TestClient) -> None:
     head = client.head("/encode")
     assert head.status_code == client.get("/encode").status_code == 405
     assert head.headers["allow"] == "POST"
+    # And a GET route's 405 names HEAD beside GET (RFC 9110, 15.5.6).
+    assert client.post("/health").headers["allow"] == "GET, HEAD"
+
+
+def test_the_middleware_itself_leaves_the_body_unsent() -> None:
+    """Not only the server (uvicorn, the test client) drops a HEAD response's body: the middleware does."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["method"] == "GET"  # routed as GET
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"5")]})
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    sent: list[Message] = []
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def receive() -> Message:
+        return {"type": "http.request", "body": b""}
+
+    middleware = RequestMiddleware(app, Metrics(), routes=[], log_requests=False)
+    scope = {"type": "http", "method": "HEAD", "path": "/x", "headers": [], "client": None}
+    asyncio.run(middleware(scope, receive, send))
+    assert (sent[0]["status"], dict(sent[0]["headers"])[b"content-length"]) == (200, b"5")
+    assert sent[1]["body"] == b""
