@@ -122,10 +122,10 @@ def main() -> None:
             f"default recipe {ours:.2f} ({ours_s:.0f} s), {100 * (1 - ours / reference):.1f} % lower; "
             f"on their training images {reference_train:.2f} and {ours_train:.2f}"
         )
-    mean_ref = sum(r["reference"] for r in rows) / len(rows)
-    mean_ours = sum(r["default"] for r in rows) / len(rows)
-    mean_ref_train = sum(r["reference_train"] for r in rows) / len(rows)
-    mean_ours_train = sum(r["default_train"] for r in rows) / len(rows)
+    mean_ref, mean_ours, mean_ref_train, mean_ours_train = (
+        sum(r[key] for r in rows) / len(rows)
+        for key in ("reference", "default", "reference_train", "default_train")
+    )
     print(
         f"mean over seeds {args.seeds}, {args.epochs} epochs: "
         f"reference {mean_ref:.2f}, default {mean_ours:.2f} nats/image: "

@@ -113,6 +113,7 @@ def _run(args: argparse.Namespace) -> None:
         given = vars(args)
         train_given = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}
         model_given = {f.name: given[f.name] for f in fields(VAEConfig) if f.name in given}
+        splits = None
         if args.resume:
             # The run's own settings, with what was given on top; `train` refuses what may not change.
             ckpt = load_checkpoint(args.out / "last.pt")
@@ -122,7 +123,9 @@ def _run(args: argparse.Namespace) -> None:
         else:
             tcfg = TrainConfig(**train_given)
             _refuse_idle_flags(train_given, tcfg)
-            _, c, h, w = load_splits(tcfg).train.images.shape
+            # The image shape comes from the data; `train` uses the splits read for it.
+            splits = load_splits(tcfg)
+            _, c, h, w = splits.train.images.shape
             mcfg = VAEConfig(channels=c, height=h, width=w, **model_given)
         best = train(
             mcfg,
@@ -132,6 +135,7 @@ def _run(args: argparse.Namespace) -> None:
             progress=not args.no_progress,
             backend=args.backend,
             device=args.device,
+            splits=splits,
         )
         if launched_rank() == 0:  # under torchrun every process returns here; one prints
             print(f"best checkpoint: {best}")

@@ -211,19 +211,30 @@ def train(
     progress: bool = True,
     backend: Backend = "auto",
     device: str = "auto",
+    splits: Splits | None = None,
 ) -> Path:
     """Train and write `last.pt` (every epoch) and `best.pt` (best validation loss) to `out`.
+
+    `splits` are `load_splits(cfg)` when the caller has them already (the CLI reads the image shape from
+    them); otherwise they are loaded here.
 
     Under torchrun every process runs this; the model is wrapped in DistributedDataParallel, each rank
     trains on its own shard of every epoch with `batch_size / world_size` images per step (so the total
     batch stays `batch_size`), metrics are summed over ranks, and rank 0 alone writes.
     """
     with distributed(backend, device) as ctx:
-        return _train(model_cfg, cfg, out, ctx, resume=resume, progress=progress)
+        return _train(model_cfg, cfg, out, ctx, resume=resume, progress=progress, splits=splits)
 
 
 def _train(
-    model_cfg: VAEConfig, cfg: TrainConfig, out: Path, ctx: Context, *, resume: bool, progress: bool
+    model_cfg: VAEConfig,
+    cfg: TrainConfig,
+    out: Path,
+    ctx: Context,
+    *,
+    resume: bool,
+    progress: bool,
+    splits: Splits | None,
 ) -> Path:
     if cfg.batch_size % ctx.world_size:
         raise ValueError(f"batch size {cfg.batch_size} does not split evenly over {ctx.world_size} processes")
@@ -234,7 +245,8 @@ def _train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    splits = load_splits(cfg)
+    if splits is None:
+        splits = load_splits(cfg)
     train_split, val_split, _, source, data_sha256 = splits
     c, h, w = train_split.images.shape[1:]
     if (model_cfg.channels, model_cfg.height, model_cfg.width) != (c, h, w):

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import training.train as train_module
 from training.__main__ import main
-from training.train import load_checkpoint, objective
+from training.train import Splits, load_checkpoint, load_splits, objective
 
 
 def test_objective_is_mean_recon_plus_beta_kl() -> None:
@@ -31,6 +32,21 @@ def test_checkpoint_rebuilds_the_model_and_history(tiny_run: Path) -> None:
     assert not model.training
     mu, _ = model.encoder(torch.rand((2, 1, 8, 8)))
     assert mu.shape == (2, 3)
+
+
+def test_the_cli_reads_the_data_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The image shape comes from the data; the splits read for it are the ones trained on (a folder of
+    # images is decoded once, not twice).
+    calls: list[object] = []
+
+    def counted(cfg: object) -> Splits:
+        calls.append(cfg)
+        return load_splits(cfg)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_module, "load_splits", counted)
+    argv = ["train", "--out", str(tmp_path / "run"), "--epochs", "1", "--hidden", "8", "--latent-dim", "2"]
+    assert main([*argv, "--no-progress"]) == 0
+    assert len(calls) == 1
 
 
 def test_resume_continues_where_the_run_stopped(tmp_path: Path) -> None:
