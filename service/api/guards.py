@@ -11,6 +11,8 @@ Protocol's `error`):
   streams in, so that a body without a length, or with a false one, is cut off there and never read whole;
 - 415 for a compressed body (a Content-Encoding other than identity), and 408 for a body that takes longer
   than VAE_BODY_TIMEOUT to arrive: both when the route reads it, in that route's error shape.
+
+A 413 or 408 closes the connection: the rest of the body is never read.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ __all__ = ["OPEN_PATHS", "APIKeys", "BodyLimit", "InFlightLimit", "install"]
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
 # Seconds a client refused for load is told to wait before it tries again.
 RETRY_AFTER_S = 1
+# The header of a refusal that leaves the rest of the body unread (408, 413): the connection closes after the
+# answer, so the client stops sending, and the server stops reading, a body no one will use.
+CLOSE = {"Connection": "close"}
 
 
 async def _refuse(
@@ -83,7 +88,7 @@ class BodyLimit:
         declared = _content_length(scope)
         if declared is not None and declared > self.max_bytes:
             detail = self._detail(f"{declared} bytes")
-            await _refuse(scope, receive, send, status.HTTP_413_CONTENT_TOO_LARGE, detail)
+            await _refuse(scope, receive, send, status.HTTP_413_CONTENT_TOO_LARGE, detail, CLOSE)
             return
         received = 0
         deadline: float | None = None  # set by the first read of the body
@@ -104,7 +109,7 @@ class BodyLimit:
                     status.HTTP_408_REQUEST_TIMEOUT,
                     detail=f"the request body did not arrive within {self.timeout:g} seconds "
                     "(VAE_BODY_TIMEOUT)",
-                    headers={"Connection": "close"},
+                    headers=CLOSE,
                 ) from None
             if message["type"] == "http.request":
                 complete = not message.get("more_body", False)
@@ -112,7 +117,9 @@ class BodyLimit:
                 if received > self.max_bytes:
                     # Raised inside the route that reads the body: FastAPI answers it as JSON.
                     raise HTTPException(
-                        status.HTTP_413_CONTENT_TOO_LARGE, self._detail(f"more than {self.max_bytes} bytes")
+                        status.HTTP_413_CONTENT_TOO_LARGE,
+                        self._detail(f"more than {self.max_bytes} bytes"),
+                        headers=CLOSE,
                     )
             return message
 

@@ -171,6 +171,34 @@ def test_a_flood_past_the_in_flight_limit_is_refused_fast(model_dir: Path, free_
         stop(process)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_a_body_too_large_is_refused_and_the_connection_closed(
+    model_dir: Path, free_port: int, declared: bool
+) -> None:
+    """The client is told 413 and the server hangs up: it neither reads nor waits for the rest of a body
+    it will not use (declared: 100 MB, of which 1 KB is sent; chunked: the limit is crossed while reading)."""
+    limit = 4096
+    process = ready_server(free_port, model_dir, VAE_MAX_BODY_BYTES=str(limit))
+    try:
+        with socket.create_connection(("127.0.0.1", free_port), timeout=5) as sock:
+            head = "POST /decode HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            if declared:
+                sock.sendall(f"{head}Content-Length: 100000000\r\n\r\n".encode() + b" " * 1024)
+            else:
+                chunk = b" " * 2048
+                chunks = f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"
+                sock.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + chunks * 3)
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 413
+            assert response.getheader("connection") == "close"
+            assert json.loads(response.read())["detail"].startswith("the request body is ")
+            assert sock.recv(1) == b""  # closed by the server: no timeout waiting for more of the body
+    finally:
+        stop(process)
+
+
 def _grow_latent_in_card(raw: dict[str, Any]) -> None:
     """A card consistent in itself, for a latent size the graphs do not have."""
     d = raw["latent_dim"] + 1

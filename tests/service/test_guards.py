@@ -50,6 +50,7 @@ def test_declared_length_past_the_limit_is_413_before_the_app_runs(guarded: Test
     )
     expected = f"the request body is {BODY_LIMIT + 1} bytes; this server takes at most {BODY_LIMIT}"
     assert detail(response, 413) == f"{expected} (VAE_MAX_BODY_BYTES)"
+    assert response.headers["connection"] == "close"  # the rest of the body is not read
 
 
 def test_streamed_body_past_the_limit_is_413(guarded: TestClient) -> None:
@@ -60,6 +61,7 @@ def test_streamed_body_past_the_limit_is_413(guarded: TestClient) -> None:
         headers={"content-type": "multipart/form-data; boundary=x", **bearer(KEYS[0])},
     )
     assert detail(response, 413).startswith(f"the request body is more than {BODY_LIMIT} bytes;")
+    assert response.headers["connection"] == "close"
 
 
 def test_body_at_the_limit_is_read(guarded: TestClient) -> None:
