@@ -97,7 +97,7 @@ def _media_type(request: Request) -> str:
 def _unsupported(media_type: str, accepted: str) -> HTTPException:
     return HTTPException(
         status.HTTP_415_UNSUPPORTED_MEDIA_TYPE,
-        detail=f"content type {media_type or '(none)'!r} is not supported here; send {accepted}",
+        detail=f"content type {quoted(media_type or '(none)')} is not supported here; send {accepted}",
     )
 
 
@@ -273,12 +273,14 @@ class _Files:
         self.ended = True
 
 
-def quoted(filename: str | None) -> str:
-    """A name the client chose (a file name, a header value) for an error detail: repr'd (no control
-    characters) and cut when long."""
-    if filename is not None and len(filename) > _NAME_CHARS:
-        return repr(filename[:_NAME_CHARS]) + "..."
-    return repr(filename)
+def quoted(value: object) -> str:
+    """Something the client chose (a file name, a header value, a JSON value) for an error detail: repr'd
+    (no control characters) and cut when long, so that a detail never echoes more than a few dozen
+    characters of it."""
+    if isinstance(value, str) and len(value) > _NAME_CHARS:
+        return repr(value[:_NAME_CHARS]) + "..."
+    text = repr(value)
+    return text if len(text) <= _NAME_CHARS + 2 else text[:_NAME_CHARS] + "..."
 
 
 def parse_json(model: type[M], body: bytes) -> M:

@@ -736,3 +736,63 @@ def test_identity_is_no_content_encoding(strict: TestClient) -> None:
     assert strict.post("/decode", json={"latents": [[0.0] * D]}, headers=headers).status_code == 200
     encoded = strict.post("/encode", files={"files": ("a.png", digit_png(0), "image/png")}, headers=headers)
     assert encoded.status_code == 200
+
+
+LONG = "n" * 5000
+V2_Z = {"name": "z", "shape": [1, D], "datatype": "FP32", "data": [0.0] * D}
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "sent", "status", "start"),
+    [
+        ("GET", f"/v2/models/{LONG}", {}, 404, "model 'nnnn"),
+        ("GET", f"/static/{LONG}.css", {}, 404, "no static file 'nnnn"),
+        ("POST", "/decode", {"content": b"{}", "headers": {"content-type": LONG}}, 415, "content type 'nnnn"),
+        (
+            "POST",
+            "/v2/models/decoder/infer",
+            {"json": {"inputs": [{**V2_Z, "name": LONG}]}},
+            422,
+            "inputs are",
+        ),
+        (
+            "POST",
+            "/v2/models/decoder/infer",
+            {"json": {"inputs": [V2_Z] * 20}},
+            422,
+            "inputs are 'z', 'z', 'z', 'z' and 16 more;",
+        ),
+        (
+            "POST",
+            "/v2/models/decoder/infer",
+            {"json": {"inputs": [V2_Z], "outputs": [{"name": LONG}]}},
+            422,
+            "outputs[0].name is 'nnnn",
+        ),
+        (
+            "POST",
+            "/v2/models/decoder/infer",
+            {"json": {"inputs": [V2_Z], "parameters": {"binary_data_output": [LONG]}}},
+            400,
+            "request.parameters.binary_data_output is ['nnnn",
+        ),
+    ],
+    ids=[
+        "v2-model",
+        "static-file",
+        "content-type",
+        "v2-input-name",
+        "v2-many-inputs",
+        "v2-output",
+        "v2-flag",
+    ],
+)
+def test_a_detail_quotes_at_most_the_start_of_long_client_text(
+    client: TestClient, method: str, url: str, sent: dict[str, Any], status: int, start: str
+) -> None:
+    """A 5000-character name (or 20 inputs) in the request: the detail names it by its start, not whole."""
+    response = client.request(method, url, **sent)
+    assert response.status_code == status, response.text
+    message = response.json().get("detail", response.json().get("error"))
+    assert message.startswith(start)
+    assert len(message) < 200

@@ -11,6 +11,8 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse
 
+from service.api.bodies import quoted
+
 __all__ = ["FILES_PREFIX", "PAGE_PATH", "STATIC_DIR", "is_page_path", "router"]
 
 STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
@@ -23,6 +25,9 @@ _MEDIA_TYPES = {
     ".js": "text/javascript; charset=utf-8",
     ".svg": "image/svg+xml",
 }
+# The files served, by name: the folder's files of those kinds, listed at startup. A name from the URL is only
+# ever looked up here, never handed to the filesystem (a 5000-character or NUL-holding name is just unknown).
+_FILES = {path.name: path for path in sorted(STATIC_DIR.iterdir()) if path.suffix in _MEDIA_TYPES}
 # Browsers revalidate on every load, so a new version of the package is seen at once.
 _HEADERS = {"cache-control": "no-cache"}
 
@@ -43,8 +48,7 @@ async def playground() -> FileResponse:
 @router.get(FILES_PREFIX + "{name}")
 async def asset(name: str) -> FileResponse:
     """One file of the page ({name} never holds a '/': only the folder's own files are reachable)."""
-    path = STATIC_DIR / name
-    media_type = _MEDIA_TYPES.get(path.suffix)
-    if media_type is None or not path.is_file():
-        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no static file {name!r}")
-    return FileResponse(path, media_type=media_type, headers=_HEADERS)
+    path = _FILES.get(name)
+    if path is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no static file {quoted(name)}")
+    return FileResponse(path, media_type=_MEDIA_TYPES[path.suffix], headers=_HEADERS)

@@ -27,7 +27,7 @@ from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.config import JsonDict
 
-from service.api.bodies import more_values_than, request_body
+from service.api.bodies import more_values_than, quoted, request_body
 from service.api.deps import ModelDep, SettingsDep
 from service.api.responses import NumpyJSONResponse
 from service.config import Settings
@@ -50,6 +50,8 @@ _VALUE_BOUND = 1e6
 _STRUCTURE_COMMAS = 256
 # The deepest nesting of `data` read: numpy's limit on an array's dimensions (NPY_MAXDIMS).
 _MAX_DEPTH = 64
+# Input names a 422 for the wrong inputs lists; the rest are counted.
+_NAMES_LISTED = 4
 
 
 class ProtocolError(BaseModel):
@@ -187,7 +189,8 @@ router = APIRouter(prefix=PREFIX, tags=["open inference protocol"])
 
 def _unknown_model(name: str) -> HTTPException:
     return HTTPException(
-        status.HTTP_404_NOT_FOUND, detail=f"model {name!r} is not served here; the models: encoder, decoder"
+        status.HTTP_404_NOT_FOUND,
+        detail=f"model {quoted(name)} is not served here; the models: encoder, decoder",
     )
 
 
@@ -306,7 +309,9 @@ async def infer(
     query = _parse(header)
     (spec,) = graph.inputs
     if [given.name for given in query.inputs] != [spec.name]:
-        names = ", ".join(repr(given.name) for given in query.inputs)
+        names = ", ".join(quoted(given.name) for given in query.inputs[:_NAMES_LISTED])
+        if len(query.inputs) > _NAMES_LISTED:
+            names += f" and {len(query.inputs) - _NAMES_LISTED} more"
         raise _unrunnable(f"inputs are {names}; model {model_name} takes one input, {spec.name!r}")
     if model_name == "encoder":
         limit, setting = settings.max_images, "max_images"
@@ -370,12 +375,12 @@ def _header_length(value: str, body_size: int) -> int:
     """
     digits = value.strip(" \t")
     if not (digits.isascii() and digits.isdigit()):
-        raise _invalid(f"{HEADER_LENGTH} is {value!r}; it must be a plain non-negative integer")
+        raise _invalid(f"{HEADER_LENGTH} is {quoted(value)}; it must be a plain non-negative integer")
     # int() refuses more than 4300 digits (sys.int_max_str_digits); a number with more digits than the body's
     # size is past the body anyway.
     significant = digits.lstrip("0") or "0"
     if len(significant) > len(str(body_size)) or int(significant) > body_size:
-        raise _invalid(f"{HEADER_LENGTH} is {value!r} but the body has {body_size} bytes")
+        raise _invalid(f"{HEADER_LENGTH} is {quoted(value)} but the body has {body_size} bytes")
     return int(significant)
 
 
@@ -418,7 +423,7 @@ def _flag(parameters: dict[str, Any], name: str, where: str, default: bool = Fal
     """A boolean parameter, `default` when absent."""
     value = parameters.get(name, default)
     if not isinstance(value, bool):
-        raise _invalid(f"{where}.parameters.{name} is {value!r}; it must be true or false")
+        raise _invalid(f"{where}.parameters.{name} is {quoted(value)}; it must be true or false")
     return value
 
 
@@ -458,7 +463,9 @@ def _input_tensor(
         if given.data is not None:
             raise _invalid(f"{where} has both data and parameters.binary_data_size")
         if not isinstance(size, int) or isinstance(size, bool):
-            raise _invalid(f"{where}.parameters.binary_data_size is {size!r}; it must be an integer (bytes)")
+            raise _invalid(
+                f"{where}.parameters.binary_data_size is {quoted(size)}; it must be an integer (bytes)"
+            )
         if size != len(binary):
             raise _invalid(
                 f"{where}.parameters.binary_data_size is {size!r} but {len(binary)} bytes follow the JSON"
@@ -533,9 +540,11 @@ def _requested_outputs(query: InferenceRequest, graph: OnnxFile, model_name: str
         where = f"outputs[{i}]"
         _refuse_unsupported(output.parameters, where)
         if output.name not in names:
-            raise _unrunnable(f"{where}.name is {output.name!r}; {model_name} outputs are {', '.join(names)}")
+            raise _unrunnable(
+                f"{where}.name is {quoted(output.name)}; {model_name} outputs are {', '.join(names)}"
+            )
         if any(name == output.name for name, _ in requested):
-            raise _unrunnable(f"{where}.name {output.name!r} is asked for twice")
+            raise _unrunnable(f"{where}.name {quoted(output.name)} is asked for twice")
         requested.append((output.name, _flag(output.parameters, "binary_data", where, all_binary)))
     return requested
 

@@ -9,6 +9,7 @@ import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import quote
 
 import httpx2
 import numpy as np
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from playwright.sync_api import Page, sync_playwright
 from pydantic import SecretStr
 
+from service.api.bodies import quoted
 from service.api.routes.playground import STATIC_DIR
 from service.config import Settings
 from service.main import create_app
@@ -73,10 +75,12 @@ def test_the_page_and_its_files_are_served(client: TestClient) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["missing.js", "index", "playground.py"], ids=["missing", "no-suffix", "python"]
+    "name",
+    ["missing.js", "index", "playground.py", "a\0.js", "a" * 300 + ".js"],
+    ids=["missing", "no-suffix", "python", "nul", "name-too-long-for-the-filesystem"],
 )
 def test_only_the_page_files_are_served(client: TestClient, name: str) -> None:
-    assert detail(client.get(f"/static/{name}"), 404) == f"no static file {name!r}"
+    assert detail(client.get(f"/static/{quote(name)}"), 404) == f"no static file {quoted(name)}"
 
 
 def test_nothing_outside_the_static_folder_is_reachable(client: TestClient) -> None:

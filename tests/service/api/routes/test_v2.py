@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from pydantic import SecretStr
 from tritonclient.utils import InferenceServerException
 
+from service.api.bodies import quoted
 from service.config import Settings
 from service.main import create_app
 from service.model_card import ModelCard
@@ -321,7 +322,7 @@ def test_binary_sizes_must_add_up(client: TestClient) -> None:
     for length in ("9999", "1" + "0" * 5000):  # past the body; past the digits int() reads (not a 500)
         wrong = {"content": body, "headers": {HEADER_LENGTH: length.encode()}}
         message = error(client.post("/v2/models/decoder/infer", **wrong), 400)
-        assert message == f"{HEADER_LENGTH} is {length!r} but the body has {len(body)} bytes"
+        assert message == f"{HEADER_LENGTH} is {quoted(length)} but the body has {len(body)} bytes"
     # Negative, a digit that int() does not read, a sign, inner space, nothing.
     for length in ("-1", "²", "+64", "6 4", ""):
         wrong = {"content": body, "headers": {HEADER_LENGTH: length.encode()}}
