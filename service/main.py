@@ -14,8 +14,10 @@ from typing import Any, TypedDict
 from fastapi import FastAPI, Request, Response, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import RedirectResponse
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 from service import request_id
 from service.api import guards
@@ -75,9 +77,30 @@ async def _client_gone(request: Request, error: Exception) -> Response:
 async def _http_error(request: Request, error: Exception) -> Response:
     """FastAPI's `{"detail": ...}`, or under /v2 the protocol's `{"error": ...}` (unknown paths included)."""
     assert isinstance(error, HTTPException)
+    if error.status_code == status.HTTP_404_NOT_FOUND:
+        moved = _without_trailing_slash(request)
+        if moved is not None:
+            return RedirectResponse(moved, status_code=status.HTTP_307_TEMPORARY_REDIRECT)
     if is_protocol_path(request.url.path):
         return protocol_error(error.status_code, str(error.detail), error.headers)
     return await http_exception_handler(request, error)
+
+
+def _without_trailing_slash(request: Request) -> str | None:
+    """`/sample?n=2` for `/sample/?n=2`, when the path without its trailing slashes is a route: where a 307
+    sends the client (the method and body go with it). Relative, unlike Starlette's own redirect (replaced
+    here), which wrote an absolute URL from the Host header and the scheme uvicorn saw: behind a proxy that
+    terminates TLS it sent https clients to http, and it echoed any Host a client sent."""
+    path: str = request.scope["path"]
+    stripped = path.rstrip("/")
+    if not stripped or stripped == path or stripped.startswith("//"):  # `//host`: another site's URL
+        return None
+    scope = {**request.scope, "path": stripped}
+    if all(route.matches(scope)[0] == Match.NONE for route in request.app.router.routes):
+        return None
+    raw: bytes = request.scope.get("raw_path") or path.encode()
+    query: bytes = request.scope["query_string"]
+    return (raw.rstrip(b"/") + (b"?" + query if query else b"")).decode("latin-1")
 
 
 async def _invalid_request(request: Request, error: Exception) -> Response:
@@ -140,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         summary="Encode images into a VAE's latent space, decode and sample from it, on ONNX Runtime.",
         version="0.1.0",
         lifespan=lifespan,
+        redirect_slashes=False,  # `_without_trailing_slash` answers them, with a relative Location
     )
     for router in ROUTERS:
         app.include_router(router)
