@@ -21,6 +21,7 @@ from starlette.routing import Match
 
 from service import request_id
 from service.api import guards
+from service.api.docs import create_fastapi
 from service.api.middleware import RequestMiddleware
 from service.api.responses import NumpyJSONResponse
 from service.api.routes import ROUTERS
@@ -158,7 +159,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             model.close()  # stops the batching threads
 
-    app = FastAPI(
+    app = create_fastapi(
         title="VAE service",
         summary="Encode images into a VAE's latent space, decode and sample from it, on ONNX Runtime.",
         version="0.1.0",

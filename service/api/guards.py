@@ -31,6 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import request_id
 from service.api.bodies import quoted
+from service.api.docs import is_docs_path
 from service.api.routes.playground import is_page_path
 from service.api.routes.v2 import ProtocolError, error_key, is_protocol_path
 from service.config import Settings
@@ -186,7 +187,9 @@ class APIKeys:
         self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in self._open or is_page_path(scope["path"]):
+        # The API docs describe the API, nothing of its data: they load without a key, and their Authorize
+        # button takes one for the requests they send.
+        if scope["type"] != "http" or _open_to_all(scope["path"], self._open):
             await self.app(scope, receive, send)
             return
         presented = _presented_key(scope)
@@ -209,6 +212,10 @@ def _digest(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
+def _open_to_all(path: str, open_paths: frozenset[str]) -> bool:
+    return path in open_paths or is_page_path(path) or is_docs_path(path)
+
+
 def _presented_key(scope: Scope) -> bytes | None:
     """The key of `Authorization: Bearer <key>` or `X-API-Key: <key>`, if the request has one."""
     headers: list[tuple[bytes, bytes]] = scope["headers"]
@@ -228,11 +235,7 @@ def install(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(InFlightLimit, limit=settings.max_in_flight)
     if settings.api_keys:
-        # The API docs describe the API, nothing of its data: they load without a key, and their
-        # Authorize button takes one for the requests they send.
-        docs = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
-        open_paths = OPEN_PATHS | {path for path in docs if path}
-        app.add_middleware(APIKeys, keys=settings.api_keys, open_paths=open_paths)
+        app.add_middleware(APIKeys, keys=settings.api_keys)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -45,13 +45,15 @@ class RequestMiddleware:
         self.routes = [route for route in routes if isinstance(getattr(route, "path", None), str)]
         self.log_requests = log_requests
 
-    def _route(self, scope: Scope) -> str:
-        """The template of the route that answered, or would have: a guard refuses before routing."""
+    def _route(self, scope: Scope, root_path: str) -> str:
+        """The template of the route that answered, or would have: a guard refuses before routing. A mount
+        (the docs' files) answers as its path."""
         route = scope.get("route")
         if route is not None:
             return str(route.path)
-        for candidate in self.routes:  # only for refusals and 404s: a few microseconds each
-            match, _ = candidate.matches(scope)
+        routed = {**scope, "root_path": root_path}  # as it came in: a mount extends it on the way down
+        for candidate in self.routes:  # only for refusals, 404s and mounts: a few microseconds each
+            match, _ = candidate.matches(routed)
             if match != Match.NONE:
                 return str(getattr(candidate, "path", UNMATCHED))
         return UNMATCHED
@@ -66,6 +68,7 @@ class RequestMiddleware:
         # knows the request was HEAD too (uvicorn sends no body for it); this covers any other.
         head = method == "HEAD"
         app_scope = {**scope, "method": "GET"} if head else scope
+        root_path = scope.get("root_path", "")
         given = next((value for name, value in scope["headers"] if name == _HEADER), None)
         rid = request_id.accept(given)
         id_header = (_HEADER, rid.encode("ascii"))
@@ -92,7 +95,7 @@ class RequestMiddleware:
         finally:
             seconds = perf_counter() - start
             self.metrics.in_flight.dec()
-            route = self._route(app_scope)
+            route = self._route(app_scope, root_path)
             self.metrics.observe_request(method, route, status, seconds)
             if self.log_requests:
                 access_log.info(

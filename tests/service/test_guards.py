@@ -299,7 +299,14 @@ def test_probes_and_the_scrape_need_no_key(guarded: TestClient) -> None:
 
 def test_the_api_docs_need_no_key(guarded: TestClient) -> None:
     """The docs pages load without a key; their Authorize button takes one for the requests they send."""
-    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+    assets = ("swagger-ui-bundle.js", "swagger-ui.css", "redoc.standalone.js")
+    for path in (
+        "/docs",
+        "/redoc",
+        "/openapi.json",
+        "/docs/oauth2-redirect",
+        *(f"/docs/assets/{a}" for a in assets),
+    ):
         assert guarded.get(path).status_code == 200, path
     assert guarded.get("/docs/other").status_code == 401  # the exact paths only
 
