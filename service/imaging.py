@@ -27,6 +27,7 @@ __all__ = [
     "Floats",
     "ImageError",
     "ImageTooLarge",
+    "OverBudget",
     "MAX_JPEG_MARKERS",
     "MAX_JPEG_SCANS",
     "SIZED_FORMATS",
@@ -97,6 +98,12 @@ _JPEG_START = b"\xff\xd8"
 # markers, within entropy-coded data) and 0xFF (fill before a marker).
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
 _JPEG_SCAN, _JPEG_END, _JPEG_NO_LENGTH = 0xDA, 0xD9, (0xD8, 0x01)
+# Channels of each PNG colour type: greyscale, truecolour, palette, greyscale + alpha, truecolour + alpha.
+_PNG_CHANNELS = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}
+# The seven passes of Adam7 interlacing: (first column, first row, column step, row step).
+_ADAM7 = ((0, 0, 8, 8), (4, 0, 8, 8), (0, 4, 4, 8), (2, 0, 4, 4), (0, 2, 2, 4), (1, 0, 2, 2), (0, 1, 1, 2))
+# Bytes of scanlines inflated at a time while they are counted (and dropped).
+_INFLATE_STEP = 1 << 20
 # zlib header: deflate, 32 KiB window, no dictionary, check bits (RFC 1950).
 _ZLIB_HEADER = b"\x78\x01"
 
@@ -109,18 +116,29 @@ class ImageTooLarge(ImageError):
     """An image with more pixels than the server decodes, found from its header before decompression."""
 
 
+class OverBudget(ImageTooLarge):
+    """An image within `max_pixels` but with more pixels than its request has left (`budget`), found from its
+    header before decompression."""
+
+    def __init__(self, pixels: int) -> None:
+        super().__init__(f"has {pixels} pixels")
+        self.pixels = pixels
+
+
 def read_pixels(
     data: bytes,
     spec: InputSpec,
     *,
     invert: bool = False,
     max_pixels: int | None = None,
+    budget: int | None = None,
     formats: tuple[str, ...] | None = None,
 ) -> Floats:
     """Decode one image to (H, W, C) in [0, 1] at its own size, with the model's channels.
 
     Images of more than `max_pixels` (width x height) are refused from their header, before any pixel is
-    decompressed; so is anything Pillow's own decompression-bomb guard refuses. `formats` limits what Pillow
+    decompressed (ImageTooLarge), and so are those of more than `budget`, the pixels their request has left
+    (OverBudget); so is anything Pillow's own decompression-bomb guard refuses. `formats` limits what Pillow
     may read (None: any format it knows). Transparent pixels take the background colour of images drawn the
     model's way, or the other way round with `invert` (dark strokes on white paper for a model trained on
     light-on-dark digits).
@@ -129,7 +147,8 @@ def read_pixels(
         raise ImageError("is empty (0 bytes)")
     # The background of the image as uploaded: the model's own unless the caller says it is inverted.
     light_background = (spec.foreground == "dark") != invert
-    plain = _plain_png(data, spec.channels, max_pixels)
+    bound = max_pixels if budget is None else budget if max_pixels is None else min(max_pixels, budget)
+    plain = _plain_png(data, spec.channels, bound)
     if plain is not None:
         return _composited(plain, spec.channels, light_background)
     if data.startswith(_JPEG_START):
@@ -142,6 +161,8 @@ def read_pixels(
                     f"is {width}x{height} pixels, more than the {max_pixels} this server decodes "
                     "(VAE_MAX_IMAGE_PIXELS)"
                 )
+            if budget is not None and width * height > budget:
+                raise OverBudget(width * height)
             if opened.format in _REFUSED_FORMATS or isinstance(opened, ImageFile.StubImageFile):
                 raise ImageError(f"is in the {opened.format} format, which this server does not decode")
             frames = getattr(opened, "n_frames", 1)
@@ -149,6 +170,8 @@ def read_pixels(
                 raise ImageError(
                     f"is a {opened.format} of {frames} frames; send each frame as an image of its own"
                 )
+            if opened.format == "PNG":
+                _check_png_rows(data, width, height)
             ImageOps.exif_transpose(opened, in_place=True)  # the upload's own copy: no second one
             return _as_floats(opened, spec.channels, light_background)
     except ImageError:
@@ -228,6 +251,45 @@ def _plain_png(data: bytes, channels: int, max_pixels: int | None) -> npt.NDArra
     except RuntimeError:  # libspng's errors (truncated, bad filter ...): Pillow decides
         return None
     return pixels
+
+
+def _check_png_rows(data: bytes, width: int, height: int) -> None:
+    """ImageError for a PNG whose image data inflates to fewer bytes than its rows take.
+
+    Pillow fills the rows that such a file lacks with zeros and reports no error (a file cut short inside
+    its image data is refused; a complete zlib stream that simply holds too few rows is not): the missing
+    part of the picture would be read as black. The scanlines are inflated in steps and dropped, up to the
+    size they should have; IHDR's dimensions were checked against `max_pixels` before this runs.
+    """
+    depth, colour, interlace = data[24], data[25], data[28]
+    bits = _PNG_CHANNELS.get(colour, 1) * depth
+    passes = _ADAM7 if interlace else ((0, 0, 1, 1),)
+    expected = 0
+    for x0, y0, dx, dy in passes:
+        columns, rows = -(-(width - x0) // dx), -(-(height - y0) // dy)
+        if columns > 0 and rows > 0:
+            expected += rows * (1 + -(-columns * bits // 8))  # each row: a filter byte, then its pixels
+    inflate = zlib.decompressobj()
+    inflated, position = 0, len(_PNG_SIGNATURE)
+    while position + 8 <= len(data) and inflated < expected:
+        length, kind = struct.unpack_from(">I4s", data, position)
+        if kind == b"IEND":
+            break
+        if kind == b"IDAT":
+            pending = data[position + 8 : position + 8 + length]
+            while pending and inflated < expected:
+                try:
+                    # Never past `expected`: what follows (the Adler-32) is Pillow's to read or not.
+                    inflated += len(inflate.decompress(pending, min(_INFLATE_STEP, expected - inflated)))
+                except zlib.error as error:
+                    raise ImageError("cannot be decoded (its image data is corrupt)") from error
+                pending = inflate.unconsumed_tail
+        position += 12 + length
+    if inflated < expected:
+        raise ImageError(
+            f"cannot be decoded (its image data holds {inflated} of the {expected} bytes its "
+            f"{width}x{height} pixels take: truncated)"
+        )
 
 
 def _intact_plain_chunks(data: bytes) -> bool:

@@ -353,22 +353,35 @@ def _decode(
     for upload in uploads:
         limit = max_pixels if inline_pixels is None else min(max_pixels, inline_pixels - pixels)
         try:
-            image = imaging.read_pixels(upload.data, spec, invert=invert, max_pixels=limit, formats=formats)
+            image = imaging.read_pixels(
+                upload.data,
+                spec,
+                invert=invert,
+                max_pixels=limit,
+                budget=max_request_pixels - pixels,
+                formats=formats,
+            )
         except imaging.ImageError as error:
             if inline_pixels is not None:
                 raise _NotSmall from None
+            if isinstance(error, imaging.OverBudget):  # found from its header, before decoding it
+                raise _over_budget(upload, pixels + error.pixels, max_request_pixels) from error
             too_large = isinstance(error, imaging.ImageTooLarge)
             code = status.HTTP_413_CONTENT_TOO_LARGE if too_large else status.HTTP_400_BAD_REQUEST
             raise HTTPException(code, detail=f"{upload.label} {error}") from error
         pixels += image.shape[0] * image.shape[1]
-        if pixels > max_request_pixels:
-            raise HTTPException(
-                status.HTTP_413_CONTENT_TOO_LARGE,
-                detail=f"{upload.label} brings the request's images to {pixels} pixels, more than the "
-                f"{max_request_pixels} this server decodes in one request (VAE_MAX_REQUEST_PIXELS)",
-            )
+        if pixels > max_request_pixels:  # a format whose header did not give the size decoded
+            raise _over_budget(upload, pixels, max_request_pixels)
         decoded.append(image)
     return imaging.to_model(decoded, spec, invert=invert)
+
+
+def _over_budget(upload: Upload, pixels: int, max_request_pixels: int) -> HTTPException:
+    return HTTPException(
+        status.HTTP_413_CONTENT_TOO_LARGE,
+        detail=f"{upload.label} brings the request's images to {pixels} pixels, more than the "
+        f"{max_request_pixels} this server decodes in one request (VAE_MAX_REQUEST_PIXELS)",
+    )
 
 
 def latent_matrix(

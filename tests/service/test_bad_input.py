@@ -155,6 +155,21 @@ CASES = [
         },
     ),
     Case(
+        # The second image is cut short after its header: refused from the header, it is never decoded
+        # (decoding it would have been a 400 for the truncation).
+        "pixels-of-the-request-over-the-setting-from-the-header",
+        "POST",
+        "/encode",
+        413,
+        f"file 1 ('cut.png') brings the request's images to {2 * PIXEL_LIMIT} pixels, more than the",
+        request={
+            "files": [
+                ("files", ("a.png", png(np.zeros((256, 256), dtype=np.uint8)), "image/png")),
+                ("files", ("cut.png", bomb_png(256, 256)[:60], "image/png")),
+            ]
+        },
+    ),
+    Case(
         "bomb-interpolate",
         "POST",
         "/interpolate?steps=4",
@@ -261,7 +276,8 @@ CASES = [
         "POST",
         "/encode",
         400,
-        "file 0 ('truncated.png') cannot be decoded (OSError: corrupt or truncated)",
+        "file 0 ('truncated.png') cannot be decoded (its image data holds 514 of the 1056 bytes its 32x32 "
+        "pixels take: truncated)",
         request=upload("truncated.png", truncated_png()),
     ),
     Case(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import struct
 import tracemalloc
+import zlib
 from typing import Any
 
 import numpy as np
@@ -348,6 +349,54 @@ def test_a_png_corrupt_at_any_byte_reads_as_pillow_reads_it(ramp: bool) -> None:
 def test_unreadable_bytes_raise_image_error(data: bytes, message: str) -> None:
     with pytest.raises(ImageError, match=message):
         load_image(data, GREY)
+
+
+def raw_png(width: int, height: int, scanlines: bytes, interlace: int = 0) -> bytes:
+    """An 8-bit greyscale PNG of `scanlines` (filter byte and pixels per row, as IDAT inflates to), all its
+    chunks intact."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, interlace)
+    idat = chunk(b"IDAT", zlib.compress(scanlines))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + idat + chunk(b"IEND", b"")
+
+
+def scanlines(pixels: np.ndarray) -> bytes:
+    return b"".join(b"\0" + row.tobytes() for row in pixels)
+
+
+def adam7(pixels: np.ndarray) -> bytes:
+    """The scanlines of `pixels` interlaced: the seven passes of Adam7, one after the other."""
+    passes = [
+        (0, 0, 8, 8),
+        (4, 0, 8, 8),
+        (0, 4, 4, 8),
+        (2, 0, 4, 4),
+        (0, 2, 2, 4),
+        (1, 0, 2, 2),
+        (0, 1, 1, 2),
+    ]
+    return b"".join(
+        scanlines(pixels[y0::dy, x0::dx]) for x0, y0, dx, dy in passes if pixels[y0::dy, x0::dx].size
+    )
+
+
+@pytest.mark.parametrize("side", [8, 300], ids=["libspng-size", "pillow-size"])
+@pytest.mark.parametrize("interlace", [0, 1], ids=["plain", "interlaced"])
+def test_a_png_whose_image_data_holds_too_few_rows_is_refused(side: int, interlace: int) -> None:
+    """Every chunk whole and its CRC right, the zlib stream complete, but short of the last rows: Pillow would
+    read the rows that are missing as black."""
+    pixels = np.random.default_rng(side).integers(0, 256, (side, side), dtype=np.uint8)
+    data = adam7(pixels) if interlace else scanlines(pixels)
+    levels = read_pixels(raw_png(side, side, data, interlace), GREY) * 255  # whole, it reads right
+    np.testing.assert_array_equal(levels.round(), pixels[..., None])
+    short = raw_png(side, side, data[: len(data) // 2], interlace)
+    with pytest.raises(ImageError, match=rf"holds {len(data) // 2} of the {len(data)} bytes .* truncated"):
+        read_pixels(short, GREY)
+    with pytest.raises(ImageError, match="truncated"):
+        read_pixels(raw_png(side, side, data[:-1], interlace), GREY)  # one byte short
 
 
 def decoded(data: bytes) -> np.ndarray:
