@@ -100,6 +100,18 @@ class Settings(BaseSettings):
             return [item.strip() for item in value.split(",") if item.strip()]
         return value
 
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _some_key_if_set(cls, value: object) -> object:
+        # Fails closed: a value that was meant to hold keys but holds none (a secret that came out empty
+        # but for a comma or a space) would otherwise start the server with no authentication at all.
+        if isinstance(value, str) and value and not value.replace(",", "").strip():
+            raise ValueError(
+                f"{value!r} names no API key; give comma-separated keys, or leave it empty (unset, or '') "
+                "for no authentication"
+            )
+        return value
+
     @field_validator("providers")
     @classmethod
     def _known_providers(cls, value: list[str]) -> list[str]:

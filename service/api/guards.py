@@ -192,18 +192,22 @@ class APIKeys:
         if scope["type"] != "http" or _open_to_all(scope["path"], self._open):
             await self.app(scope, receive, send)
             return
-        presented = _presented_key(scope)
-        if presented is None:
+        presented = _presented_keys(scope)
+        if not presented:
             detail = "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
             headers = {"WWW-Authenticate": "Bearer"}
             await _refuse(scope, receive, send, status.HTTP_401_UNAUTHORIZED, detail, headers)
             return
-        digest = _digest(presented)
-        accepted = False
-        for known in self._digests:
-            accepted |= hmac.compare_digest(digest, known)
+        # Every key sent must be valid: with two headers that disagree, neither is taken over the other.
+        accepted = True
+        for key in presented:
+            digest, known_key = _digest(key), False
+            for known in self._digests:
+                known_key |= hmac.compare_digest(digest, known)
+            accepted &= known_key
         if not accepted:
-            await _refuse(scope, receive, send, status.HTTP_403_FORBIDDEN, "the API key is not valid")
+            detail = "the API key is not valid" if len(presented) == 1 else "an API key sent is not valid"
+            await _refuse(scope, receive, send, status.HTTP_403_FORBIDDEN, detail)
             return
         await self.app(scope, receive, send)
 
@@ -216,17 +220,18 @@ def _open_to_all(path: str, open_paths: frozenset[str]) -> bool:
     return path in open_paths or is_page_path(path) or is_docs_path(path)
 
 
-def _presented_key(scope: Scope) -> bytes | None:
-    """The key of `Authorization: Bearer <key>` or `X-API-Key: <key>`, if the request has one."""
+def _presented_keys(scope: Scope) -> list[bytes]:
+    """The keys of the request's `Authorization: Bearer <key>` and `X-API-Key: <key>` headers."""
+    keys = []
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.strip().partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
-                return token.strip()
+                keys.append(token.strip())
         elif name == b"x-api-key" and value.strip():
-            return value.strip()
-    return None
+            keys.append(value.strip())
+    return keys
 
 
 def install(app: FastAPI, settings: Settings) -> None:

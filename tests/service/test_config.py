@@ -67,6 +67,22 @@ def test_bad_provider_names_fail_fast(env: pytest.MonkeyPatch, value: str, messa
         Settings()
 
 
+def test_api_keys_are_read_and_an_empty_value_means_none(env: pytest.MonkeyPatch) -> None:
+    env.setenv("VAE_API_KEYS", " first-key-0123456789 ,, second-key-0123456789")
+    keys = [key.get_secret_value() for key in Settings().api_keys]
+    assert keys == ["first-key-0123456789", "second-key-0123456789"]
+    env.setenv("VAE_API_KEYS", "")
+    assert Settings().api_keys == []
+
+
+@pytest.mark.parametrize("value", [",", " ", " , ,"])
+def test_api_keys_that_name_no_key_fail_fast(env: pytest.MonkeyPatch, value: str) -> None:
+    """Meant to hold keys but holding none: a startup error, not a server open to everyone."""
+    env.setenv("VAE_API_KEYS", value)
+    with pytest.raises(ValidationError, match=r"api_keys\n.* names no API key; give comma-separated keys"):
+        Settings()
+
+
 @pytest.mark.parametrize(
     "name", ["INTRA_OP_THREADS", "MAX_IMAGES", "MAX_LATENTS", "MAX_SAMPLES", "MAX_SCALE"]
 )

@@ -290,6 +290,17 @@ def test_a_wrong_key_is_403(guarded: TestClient, headers: dict[str, str]) -> Non
     assert detail(response, 403) == "the API key is not valid"
 
 
+@pytest.mark.parametrize("first", ["authorization", "x-api-key"])
+def test_two_keys_must_both_be_valid(guarded: TestClient, first: str) -> None:
+    """A valid key in one header does not let a wrong one in the other through, whichever comes first."""
+    sent = {"authorization": f"Bearer {KEYS[0]}", "x-api-key": "wrong"}
+    headers = [(name, sent[name]) for name in sorted(sent, key=lambda name: name != first)]
+    response = guarded.post("/decode", json=LATENTS, headers=headers)
+    assert detail(response, 403) == "an API key sent is not valid"
+    both = [("authorization", f"Bearer {KEYS[0]}"), ("x-api-key", KEYS[1])]  # two valid keys
+    assert guarded.post("/decode", json=LATENTS, headers=both).status_code == 200
+
+
 def test_probes_and_the_scrape_need_no_key(guarded: TestClient) -> None:
     for path in ("/health", "/ready", "/v2/health/live", "/v2/health/ready", "/metrics"):
         assert guarded.get(path).status_code == 200, path
