@@ -9,6 +9,7 @@ Protocol's `error`):
 - 503 with `Retry-After` at once when VAE_MAX_IN_FLIGHT requests are being handled already;
 - 413 for a body past VAE_MAX_BODY_BYTES: from its Content-Length before the app runs, or counted while it
   streams in, so that a body without a length, or with a false one, is cut off there and never read whole;
+- 400 for a GET or HEAD that comes with a body (a Content-Length above 0, or chunked): nothing here reads one;
 - 415 for a compressed body (a Content-Encoding other than identity), and 408 for a body that takes longer
   than VAE_BODY_TIMEOUT to arrive: both when the route reads it, in that route's error shape.
 
@@ -47,6 +48,9 @@ RETRY_AFTER_S = 1
 # The header of a refusal that leaves the rest of the body unread (408, 413): the connection closes after the
 # answer, so the client stops sending, and the server stops reading, a body no one will use.
 CLOSE = {"Connection": "close"}
+# Methods whose requests carry nothing in a body here: one that comes with a body is refused, not ignored
+# (`GET /sample` with `{"n": 4}` would otherwise answer 16 samples).
+_NO_BODY = frozenset({"GET", "HEAD"})
 
 
 async def _refuse(
@@ -87,6 +91,13 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
+        if scope["method"] in _NO_BODY and (declared or _has_header(scope, b"transfer-encoding")):
+            detail = (
+                f"{scope['method']} {quoted(scope['path'])} takes no request body; "
+                "options go in the query string (?name=value)"
+            )
+            await _refuse(scope, receive, send, status.HTTP_400_BAD_REQUEST, detail, CLOSE)
+            return
         if declared is not None and declared > self.max_bytes:
             detail = self._detail(f"{declared} bytes")
             await _refuse(scope, receive, send, status.HTTP_413_CONTENT_TOO_LARGE, detail, CLOSE)
@@ -137,6 +148,10 @@ def _refuse_encoded(scope: Scope) -> None:
             detail=f"Content-Encoding {quoted(', '.join(values))} is not supported; send the body "
             "uncompressed (this server takes only identity bodies)",
         )
+
+
+def _has_header(scope: Scope, header: bytes) -> bool:
+    return any(name == header for name, _ in scope["headers"])
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -64,6 +64,24 @@ def test_streamed_body_past_the_limit_is_413(guarded: TestClient) -> None:
     assert response.headers["connection"] == "close"
 
 
+@pytest.mark.parametrize(
+    ("path", "content"),
+    [("/sample?format=npy", b'{"n": 4}'), ("/model", iter([b"x"])), ("/v2/models/decoder", b"{}")],
+    ids=["json", "chunked", "v2"],
+)
+def test_a_get_with_a_body_is_400_not_answered_without_it(
+    client: TestClient, path: str, content: Any
+) -> None:
+    """`GET /sample` with `{"n": 4}` would answer the default 16 samples: the body is refused, not ignored."""
+    response = client.request("GET", path, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == 400
+    message = response.json().get("detail") or response.json()["error"]
+    route = path.partition("?")[0]
+    assert message == f"GET {route!r} takes no request body; options go in the query string (?name=value)"
+    assert response.headers["connection"] == "close"
+    assert client.request("GET", path, headers={"content-length": "0"}).status_code == 200
+
+
 def test_body_at_the_limit_is_read(guarded: TestClient) -> None:
     body = b'{"latents": [[' + b",".join([b"0"] * 16) + b"]]}"
     padded = body + b" " * (BODY_LIMIT - len(body))  # JSON allows trailing whitespace
