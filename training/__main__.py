@@ -60,6 +60,14 @@ def _refuse_idle_flags(given: dict[str, Any], cfg: TrainConfig) -> None:
     itself: a checkpoint of an earlier version, which ignored it, may hold one and still loads.)"""
     if "data_dir" in given and cfg.dataset == "digits":
         raise ValueError("--data-dir is for the idx and folder datasets; digits is embedded")
+    for name in ("image_size", "channels"):
+        if name in given and cfg.dataset != "folder":
+            raise ValueError(
+                f"--{name.replace('_', '-')} is for the folder dataset; {cfg.dataset} images keep their own "
+                "size and channels"
+            )
+    if "foreground" in given and cfg.dataset == "digits":
+        raise ValueError("--foreground describes idx and folder images; digits are light strokes on dark")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,7 +120,11 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "train":
         given = vars(args)
         train_given = {f.name: given[f.name] for f in fields(TrainConfig) if f.name in given}
-        model_given = {f.name: given[f.name] for f in fields(VAEConfig) if f.name in given}
+        # The model's own options: its image shape comes from the data (`channels` is the folder's option).
+        shape = {"channels", "height", "width"}
+        model_given = {
+            f.name: given[f.name] for f in fields(VAEConfig) if f.name in given and f.name not in shape
+        }
         splits = None
         if args.resume:
             # The run's own settings, with what was given on top; `train` refuses what may not change.
@@ -161,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(chatty).setLevel(logging.WARNING)
     try:
         _run(args)
-    except (DataError, FileNotFoundError, ValueError) as error:
+    except (DataError, OSError, ValueError) as error:  # OSError: FileNotFoundError, NotADirectoryError ...
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

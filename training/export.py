@@ -138,6 +138,10 @@ def export(checkpoint: Path, out: Path, *, name: str | None = None, iwae_samples
     """Export, verify, evaluate on the test split and write the model directory `out`."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out}: exists and is not a directory (--out names the model directory)")
+    # Where the model directory will be made: refused now, not after the export, parity checks and plots.
+    parent = next(path for path in out.absolute().parents if path.exists())
+    if not parent.is_dir():
+        raise ValueError(f"{parent}: is not a directory, so {out} cannot be made in it (--out)")
     ckpt: Checkpoint = load_checkpoint(checkpoint)
     model = ckpt.build()
     cfg, tcfg = model.cfg, ckpt.train_cfg

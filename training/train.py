@@ -66,7 +66,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("threads", 0)):
+        for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("seed", 0), ("threads", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
         for name in ("weight_decay", "beta", "warmup_epochs", "free_bits"):
@@ -136,11 +136,18 @@ class Checkpoint:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
+    if path.is_dir():
+        raise ValueError(f"{path}: is a directory; name a checkpoint file in it, such as {path / 'best.pt'}")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:  # truncated, foreign, text
+    except pickle.UnpicklingError as error:  # text, or a pickle of more than tensors and plain values
+        # torch's own message suggests loading with weights_only=False: never for a file of unknown origin.
+        raise ValueError(
+            f"{path}: not a checkpoint this package can read (not a torch.save file of weights)"
+        ) from error
+    except (OSError, RuntimeError, EOFError) as error:  # truncated, foreign
         reason = str(error).split("\n", 1)[0]
         raise ValueError(
             f"{path}: not a checkpoint this package can read ({type(error).__name__}: {reason})"
@@ -350,13 +357,13 @@ def _train(
             "seconds": time.perf_counter() - started,
         }
         history.append(row)
-        epochs.set_postfix(
-            train=f"{row['train_neg_elbo']:.2f}", val=f"{val['neg_elbo']:.2f}", best=f"{best_val:.2f}"
-        )
         generators = ctx.gather(generator.get_state())
         # Only count as best once the KL weight has reached beta: earlier losses are not comparable.
         improved = val["neg_elbo"] < best_val and epoch + 1 >= cfg.warmup_epochs
         best_val = val["neg_elbo"] if improved else best_val
+        epochs.set_postfix(
+            train=f"{row['train_neg_elbo']:.2f}", val=f"{val['neg_elbo']:.2f}", best=f"{best_val:.2f}"
+        )
         if ctx.is_main:
             state = {
                 "model": _cpu(served.state_dict()),
@@ -379,8 +386,9 @@ def _train(
             torch.save({**state, **training_state}, out / "last.pt")
     if ctx.is_main:
         # The best checkpoint carries the whole run's history, for the loss-curve plot.
-        # Fewer epochs than the warm-up: the last checkpoint is the best there is.
-        best_source = out / "best.pt" if (out / "best.pt").exists() else out / "last.pt"
+        # No epoch past the warm-up yet (in this run or the one it resumes): the last checkpoint is the best
+        # there is, whatever best.pt an earlier part of the run left (a copy of its own last epoch).
+        best_source = out / "best.pt" if math.isfinite(best_val) else out / "last.pt"
         best = torch.load(best_source, weights_only=True)
         for key in ("optimizer", "scheduler", "generators", "raw_model", "ema_updates"):
             best.pop(key, None)
@@ -404,7 +412,9 @@ def _check_resumable(path: Path, ckpt: Checkpoint, model_cfg: VAEConfig, cfg: Tr
             f"(only {' and '.join(sorted(RESUMABLE))} may change)"
         )
     if cfg.epochs <= ckpt.epoch:
-        raise ValueError(f"{path}: the run has done {ckpt.epoch} epochs; ask for more to resume it (epochs)")
+        raise ValueError(
+            f"{path}: the run has done {ckpt.epoch} epochs; ask for more with --epochs to resume it"
+        )
 
 
 def _stretch_cosine(

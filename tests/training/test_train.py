@@ -6,8 +6,10 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import training.train as train_module
 from training.__main__ import main
@@ -140,6 +142,10 @@ def test_a_fresh_run_leaves_no_best_checkpoint_of_an_earlier_one(tmp_path: Path)
         (["--channels", "2"], "channels must be 1 or 3, got 2"),
         (["--logvar-min", "5", "--logvar-max", "-5"], "logvar_min must be below logvar_max"),
         (["--data-dir", "somewhere"], "--data-dir is for the idx and folder datasets"),
+        (["--seed", "-1"], "seed must be at least 0, got -1"),
+        (["--image-size", "28"], "--image-size is for the folder dataset; digits images keep their own size"),
+        (["--channels", "3"], "--channels is for the folder dataset"),
+        (["--foreground", "dark"], "--foreground describes idx and folder images; digits are light strokes"),
     ],
 )
 def test_bad_settings_are_named_before_anything_runs(
@@ -160,6 +166,35 @@ def test_a_choice_flag_takes_only_its_choices(tmp_path: Path, capsys: pytest.Cap
     )
 
 
+def test_a_folder_of_rgb_images_trains_from_the_command_line(tmp_path: Path) -> None:
+    """`--channels 3` (the folder dataset's option) reaches the data, and the model takes its shape."""
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / "images" / label).mkdir(parents=True)
+        for i in range(10):
+            pixels = rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
+    run = tmp_path / "run"
+    data = ["--dataset", "folder", "--data-dir", str(tmp_path / "images"), "--image-size", "6"]
+    assert main(["train", "--out", str(run), "--epochs", "1", *data, "--channels", "3", *QUICK]) == 0
+    best = load_checkpoint(run / "best.pt")
+    assert (best.config["channels"], best.config["height"], best.config["width"]) == (3, 6, 6)
+    assert best.train_config["channels"] == 3
+
+
+def test_a_run_resumed_inside_the_warm_up_reports_its_last_epoch(tmp_path: Path) -> None:
+    """No epoch has passed the warm-up in either part of the run: best.pt is the last epoch, not the copy of
+    the first part's last epoch."""
+    run = tmp_path / "run"
+    args = ["--hidden", "8", "--latent-dim", "2", "--warmup-epochs", "10", "--no-progress"]
+    assert main(["train", "--out", str(run), "--epochs", "2", *args]) == 0
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "3", "--no-progress"]) == 0
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert best.epoch == last.epoch == 3
+    for name, weights in best.model.items():
+        assert torch.equal(weights, last.model[name]), name
+
+
 def test_unreadable_checkpoints_and_outputs_are_named(
     tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -173,12 +208,22 @@ def test_unreadable_checkpoints_and_outputs_are_named(
         assert main(["evaluate", "--checkpoint", str(path)]) == 2
         err = capsys.readouterr().err
         assert f"error: {path}: not a checkpoint" in err and "Traceback" not in err
+        assert "weights_only=False" not in err  # torch's advice to load the file unsafely is not passed on
+    assert main(["evaluate", "--checkpoint", str(tiny_run)]) == 2
+    assert f"error: {tiny_run}: is a directory; name a checkpoint file in it" in capsys.readouterr().err
     occupied = tmp_path / "file"
     occupied.write_text("")
     assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(occupied)]) == 2
     assert f"{occupied}: exists and is not a directory" in capsys.readouterr().err
     assert main(["train", "--out", str(occupied), "--epochs", "1", *QUICK]) == 2
     assert f"{occupied}: exists and is not a directory" in capsys.readouterr().err
+    # Under a file: a one-line error, and export says so before any of its work.
+    under = occupied / "sub"
+    assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(under)]) == 2
+    assert f"{occupied}: is not a directory, so {under} cannot be made in it" in capsys.readouterr().err
+    assert main(["train", "--out", str(under), "--epochs", "1", *QUICK]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Not a directory" in err and "Traceback" not in err
 
 
 def test_evaluate_and_export_refuse_data_that_changed_since_training(
