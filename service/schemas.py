@@ -62,7 +62,11 @@ def _from_base64(value: object) -> object:
     """A base64 string (optionally a data: URL, line breaks allowed) -> its bytes."""
     if not isinstance(value, str):
         return value  # the bytes validator refuses it with its own message
-    payload = value.partition(",")[2] if value.startswith("data:") else value
+    payload = value
+    if value[:5].lower() == "data:":  # URL schemes are case-insensitive
+        header, comma, payload = value.partition(",")
+        if not comma:
+            raise ValueError("a data: URL with no comma before its data (data:image/png;base64,<base64>)")
     try:
         return base64.b64decode("".join(payload.split()), validate=True)
     except binascii.Error as error:

@@ -155,7 +155,18 @@ def test_json_base64_matches_multipart(client: TestClient) -> None:
     multipart = client.post("/encode", files=files(data))
     as_json = client.post("/encode", json={"images": [b64(data)]})
     as_data_url = client.post("/encode", json={"images": ["data:image/png;base64," + b64(data)]})
-    assert multipart.content == as_json.content == as_data_url.content
+    upper_case = client.post("/encode", json={"images": ["DATA:image/png;base64," + b64(data)]})
+    assert multipart.content == as_json.content == as_data_url.content == upper_case.content
+
+
+def test_a_data_url_without_its_comma_is_named(client: TestClient) -> None:
+    response = client.post("/encode", json={"images": ["data:image/png;base64" + b64(digit_png(3))]})
+    assert messages(response) == [
+        (
+            ("body", "images", 0),
+            "Value error, a data: URL with no comma before its data (data:image/png;base64,<base64>)",
+        )
+    ]
 
 
 def test_samples_are_the_reparameterised_draws(client: TestClient, card: ModelCard) -> None:
