@@ -427,10 +427,17 @@ def _flag(parameters: dict[str, Any], name: str, where: str, default: bool = Fal
     return value
 
 
-def _refuse_unsupported(parameters: dict[str, Any], where: str) -> None:
+def _refuse_unsupported(parameters: dict[str, Any], where: str, known: str) -> None:
+    """422 for the protocol's extensions this server does not run; 400 for a parameter that is not `known`
+    (a misspelt `binary_data` would otherwise be ignored and the output come back as JSON)."""
     for name, what in (("shared_memory_region", "shared memory"), ("classification", "classification")):
         if name in parameters:
             raise _unrunnable(f"{where}.parameters.{name}: {what} is not supported by this server")
+    for name in parameters:
+        if name != known:
+            raise _invalid(
+                f"{where}.parameters has {quoted(name)}, which this server does not read; it reads {known}"
+            )
 
 
 def _input_tensor(
@@ -438,7 +445,7 @@ def _input_tensor(
 ) -> Floats:
     """The input as an array of the graph's shape, checked against the card and the server's limits."""
     where = "inputs[0]"
-    _refuse_unsupported(given.parameters, where)
+    _refuse_unsupported(given.parameters, where, "binary_data_size")
     datatype = DATATYPES[spec.dtype]
     if given.datatype != datatype:
         raise _unrunnable(f"{where}.datatype is {given.datatype}; {model_name}'s {spec.name} is {datatype}")
@@ -531,6 +538,7 @@ def _json_kind(value: Any) -> str:
 
 def _requested_outputs(query: InferenceRequest, graph: OnnxFile, model_name: str) -> list[tuple[str, bool]]:
     """(output name, as binary) in the order asked for; every output when none are named."""
+    _refuse_unsupported(query.parameters, "request", "binary_data_output")
     all_binary = _flag(query.parameters, "binary_data_output", "request")
     names = [spec.name for spec in graph.outputs]
     if query.outputs is None:
@@ -538,7 +546,7 @@ def _requested_outputs(query: InferenceRequest, graph: OnnxFile, model_name: str
     requested: list[tuple[str, bool]] = []
     for i, output in enumerate(query.outputs):
         where = f"outputs[{i}]"
-        _refuse_unsupported(output.parameters, where)
+        _refuse_unsupported(output.parameters, where, "binary_data")
         if output.name not in names:
             raise _unrunnable(
                 f"{where}.name is {quoted(output.name)}; {model_name} outputs are {', '.join(names)}"

@@ -255,6 +255,22 @@ Z = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
         ({"inputs": []}, 400, "inputs: List should have at least 1 item"),
         ({"input": [Z]}, 400, "inputs: Field required; input: Extra inputs are not permitted"),
         ({"inputs": [Z], "parameters": {"binary_data_output": "yes"}}, 400, "binary_data_output is 'yes'"),
+        (
+            {"inputs": [Z], "parameters": {"binary_data_outptu": True}},
+            400,
+            "request.parameters has 'binary_data_outptu', which this server does not read; it reads "
+            "binary_data_output",
+        ),
+        (
+            {"inputs": [{**Z, "parameters": {"bogus": 1}}]},
+            400,
+            "inputs[0].parameters has 'bogus', which this server does not read; it reads binary_data_size",
+        ),
+        (
+            {"inputs": [Z], "outputs": [{"name": "x_mean", "parameters": {"binary": True}}]},
+            400,
+            "outputs[0].parameters has 'binary', which this server does not read; it reads binary_data",
+        ),
     ],
     ids=[
         "input-name",
@@ -282,6 +298,9 @@ Z = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
         "no-inputs",
         "misspelt-field",
         "non-boolean-flag",
+        "misspelt-request-parameter",
+        "unknown-input-parameter",
+        "misspelt-output-parameter",
     ],
 )
 def test_bad_requests_are_named(client: TestClient, body: dict[str, Any], status: int, message: str) -> None:
