@@ -188,7 +188,14 @@ def export(checkpoint: Path, out: Path, *, name: str | None = None, iwae_samples
                     test=len(test_split.images),
                 ),
             ),
-            training={"model": ckpt.config, "train": ckpt.train_config, "epochs_run": ckpt.epoch},
+            # `epoch`: the epoch the exported weights are from (best.pt: the best validation loss);
+            # `epochs_run`: how many the run did.
+            training={
+                "model": ckpt.config,
+                "train": ckpt.train_config,
+                "epoch": ckpt.epoch,
+                "epochs_run": len(ckpt.history),
+            },
             metrics=TestMetrics(**metrics.as_dict()),
             versions={
                 "python": platform.python_version(),

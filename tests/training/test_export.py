@@ -40,7 +40,7 @@ def test_onnx_matches_pytorch(tiny_run: Path, tiny_model: Path, batch: int) -> N
         torch.testing.assert_close(torch.from_numpy(have), want, rtol=0, atol=1e-5)
 
 
-def test_card_validates_against_committed_schema_and_hashes_match(tiny_model: Path) -> None:
+def test_card_validates_against_committed_schema_and_hashes_match(tiny_run: Path, tiny_model: Path) -> None:
     raw = json.loads((tiny_model / "model.json").read_text())
     jsonschema.validate(raw, json.loads(SCHEMA.read_text()))
     card = load_card(tiny_model)
@@ -51,6 +51,11 @@ def test_card_validates_against_committed_schema_and_hashes_match(tiny_model: Pa
     assert card.encoder.inputs[0].shape == [None, 1, 8, 8]
     assert card.decoder.outputs[0].shape == [None, 1, 8, 8]
     assert card.metrics.iwae_samples == 8 and card.metrics.images == card.dataset.split.test == 359
+    # The epoch the exported weights are from, and the length of the run (two epochs, the first in warm-up).
+    assert (card.training["epoch"], card.training["epochs_run"]) == (
+        load_checkpoint(tiny_run / "best.pt").epoch,
+        2,
+    )
     # The IWAE bound is tighter than the one-sample ELBO on average; allow the one-sample noise.
     assert card.metrics.iwae_nll < card.metrics.neg_elbo + 1.0
     assert set(PLOTS) <= {p.name for p in tiny_model.iterdir()}
