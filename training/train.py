@@ -375,7 +375,7 @@ def _train(
                 "data_sha256": data_sha256,
             }
             if improved:
-                torch.save(state, out / "best.pt")
+                _save(state, out / "best.pt")
             training_state = {
                 "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
@@ -383,7 +383,7 @@ def _train(
                 "raw_model": _cpu(model.state_dict()) if ema is not None else None,
                 "ema_updates": int(ema.n_averaged) if ema is not None else None,
             }
-            torch.save({**state, **training_state}, out / "last.pt")
+            _save({**state, **training_state}, out / "last.pt")
     if ctx.is_main:
         # The best checkpoint carries the whole run's history, for the loss-curve plot.
         # No epoch past the warm-up yet (in this run or the one it resumes): the last checkpoint is the best
@@ -392,9 +392,17 @@ def _train(
         best = torch.load(best_source, weights_only=True)
         for key in ("optimizer", "scheduler", "generators", "raw_model", "ema_updates"):
             best.pop(key, None)
-        torch.save({**best, "history": history}, out / "best.pt")
+        _save({**best, "history": history}, out / "best.pt")
     ctx.barrier()
     return out / "best.pt"
+
+
+def _save(state: dict[str, Any], path: Path) -> None:
+    """torch.save to a temporary file beside `path`, then renamed over it: a run stopped while saving leaves
+    the previous checkpoint whole (and --resume able to read it), never half a file."""
+    partial = path.with_name(path.name + ".partial")
+    torch.save(state, partial)
+    partial.replace(path)
 
 
 def _check_resumable(path: Path, ckpt: Checkpoint, model_cfg: VAEConfig, cfg: TrainConfig) -> None:

@@ -195,6 +195,28 @@ def test_a_run_resumed_inside_the_warm_up_reports_its_last_epoch(tmp_path: Path)
         assert torch.equal(weights, last.model[name]), name
 
 
+def test_a_run_stopped_while_saving_leaves_its_last_checkpoint_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "1", *QUICK]) == 0
+    real_save = torch.save
+
+    def stopped(state: object, path: Path) -> None:  # half of last.pt written, then Ctrl-C
+        real_save(state, path)
+        if Path(path).name.startswith("last.pt"):
+            Path(path).write_bytes(Path(path).read_bytes()[:100])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.torch, "save", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"])
+    monkeypatch.setattr(train_module.torch, "save", real_save)
+    assert load_checkpoint(run / "last.pt").epoch == 1
+    assert main(["train", "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert load_checkpoint(run / "last.pt").epoch == 2
+
+
 def test_unreadable_checkpoints_and_outputs_are_named(
     tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
