@@ -11,6 +11,8 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
+from starlette.routing import Mount
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api.routes.playground import FILES_PREFIX
 
@@ -36,7 +38,22 @@ def create_fastapi(**kwargs: Any) -> FastAPI:
         favicon_url=f"{FILES_PREFIX}favicon.svg",  # the playground's icon
         **kwargs,
     )
+    for route in app.router.routes:
+        if isinstance(route, Mount) and route.path == ASSETS_PREFIX:
+            route.app = _whole_files(route.app)
     return app
+
+
+def _whole_files(app: ASGIApp) -> ASGIApp:
+    """`app` (the bundles' StaticFiles) with Range headers dropped: each file is sent whole, as RFC 9110
+    allows, where Starlette answers a malformed range with a plain-text 400."""
+
+    async def whole(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            scope = {**scope, "headers": [(k, v) for k, v in scope["headers"] if k != b"range"]}
+        await app(scope, receive, send)
+
+    return whole
 
 
 def is_docs_path(path: str) -> bool:

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException, status
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, HTTPException, Response, status
 
 from service.api.bodies import quoted
 
@@ -25,9 +24,15 @@ _MEDIA_TYPES = {
     ".js": "text/javascript; charset=utf-8",
     ".svg": "image/svg+xml",
 }
-# The files served, by name: the folder's files of those kinds, listed at startup. A name from the URL is only
-# ever looked up here, never handed to the filesystem (a 5000-character or NUL-holding name is just unknown).
-_FILES = {path.name: path for path in sorted(STATIC_DIR.iterdir()) if path.suffix in _MEDIA_TYPES}
+# The files served, by name, with their media types: the folder's files of those kinds, read at startup (a
+# few kilobytes). A name from the URL is only ever looked up here, never handed to the filesystem (a
+# 5000-character or NUL-holding name is just unknown); and a file is always sent whole (a Range header is
+# ignored, as RFC 9110 allows, rather than answered with a plain-text 400 when it is malformed).
+_FILES = {
+    path.name: (path.read_bytes(), _MEDIA_TYPES[path.suffix])
+    for path in sorted(STATIC_DIR.iterdir())
+    if path.suffix in _MEDIA_TYPES
+}
 # Browsers revalidate on every load, so a new version of the package is seen at once.
 _HEADERS = {"cache-control": "no-cache"}
 
@@ -39,16 +44,20 @@ def is_page_path(path: str) -> bool:
     return path == PAGE_PATH or path.startswith(FILES_PREFIX)
 
 
+def _file(name: str) -> Response:
+    content, media_type = _FILES[name]
+    return Response(content, media_type=media_type, headers=_HEADERS)
+
+
 @router.get(PAGE_PATH)
-async def playground() -> FileResponse:
+async def playground() -> Response:
     """The playground page."""
-    return FileResponse(STATIC_DIR / "index.html", media_type=_MEDIA_TYPES[".html"], headers=_HEADERS)
+    return _file("index.html")
 
 
 @router.get(FILES_PREFIX + "{name}")
-async def asset(name: str) -> FileResponse:
+async def asset(name: str) -> Response:
     """One file of the page ({name} never holds a '/': only the folder's own files are reachable)."""
-    path = _FILES.get(name)
-    if path is None:
+    if name not in _FILES:
         raise HTTPException(status.HTTP_404_NOT_FOUND, detail=f"no static file {quoted(name)}")
-    return FileResponse(path, media_type=_MEDIA_TYPES[path.suffix], headers=_HEADERS)
+    return _file(name)
