@@ -115,10 +115,11 @@ def read_idx(path: Path) -> npt.NDArray[np.uint8]:
 
 
 def _find_idx(root: Path, stem: str) -> Path | None:
-    for name in (stem, stem + ".gz"):
-        if (root / name).is_file():
-            return root / name
-    return None
+    """`stem` or `stem.gz` in `root`; the plain file where both are, with a warning (they may differ)."""
+    found = [root / name for name in (stem, stem + ".gz") if (root / name).is_file()]
+    if len(found) == 2:
+        log.warning("%s and %s both exist: reading %s", found[0].name, found[1].name, found[0].name)
+    return found[0] if found else None
 
 
 def _load_idx(root: Path) -> Dataset:

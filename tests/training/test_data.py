@@ -73,6 +73,20 @@ def test_idx_directory_uses_its_test_file(tmp_path: Path, images: np.ndarray) ->
     assert len(train.images) + len(val.images) == 20
 
 
+def test_idx_directory_with_a_file_plain_and_gzipped_reads_the_plain_one_and_says_so(
+    tmp_path: Path, images: np.ndarray, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write(tmp_path / "train-images-idx3-ubyte", _idx_bytes(np.tile(images, (4, 1, 1))))
+    _write(tmp_path / "train-images-idx3-ubyte.gz", _idx_bytes(images))
+    with caplog.at_level(logging.WARNING):
+        dataset = load_dataset("idx", tmp_path)
+    assert len(dataset.images) == 20
+    assert (
+        "train-images-idx3-ubyte and train-images-idx3-ubyte.gz both exist: reading train-images-idx3-ubyte"
+        in (caplog.text)
+    )
+
+
 def test_idx_directory_lists_expected_names(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"expected train-images-idx3-ubyte or train-images-idx3-ubyte\.gz"):
         load_dataset("idx", tmp_path)
