@@ -122,6 +122,12 @@ class Checkpoint:
 
     def splits(self) -> Splits:
         """The splits as the run saw them; DataError if the data is no longer what it trained on."""
+        data_dir = self.train_cfg.data_dir
+        if data_dir is not None and not Path(data_dir).is_absolute() and not Path(data_dir).exists():
+            raise DataError(
+                f"{data_dir}: not found from {Path.cwd()}; the run was trained with this relative "
+                "--data-dir: run this from the directory it was trained in"
+            )
         splits = load_splits(self.train_cfg)
         self.check_data(splits)
         return splits

@@ -271,3 +271,26 @@ def test_evaluate_and_export_refuse_data_that_changed_since_training(
         assert main(argv) == 2
         assert "the images differ from those" in capsys.readouterr().err
     assert not (tmp_path / "model").exists()
+
+
+def test_a_relative_data_dir_not_found_says_where_it_was_looked_for(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "data").mkdir()
+    for i in range(20):
+        Image.new("L", (8, 8), 10 * i).save(tmp_path / "data" / f"{i:02}.png")
+    monkeypatch.chdir(tmp_path)
+    folder = ["--dataset", "folder", "--data-dir", "data", "--image-size", "8"]
+    assert main(["train", "--out", "run", "--epochs", "1", *folder, *QUICK]) == 0
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            f"data: not found from {elsewhere}; the run was trained with this relative --data-dir: "
+            "run this from the directory it was trained in"
+        )
+    )
