@@ -261,6 +261,8 @@ def _check_png_rows(data: bytes, width: int, height: int) -> None:
     part of the picture would be read as black. The scanlines are inflated in steps and dropped, up to the
     size they should have; IHDR's dimensions were checked against `max_pixels` before this runs.
     """
+    if data[12:16] != b"IHDR":  # the PNG standard puts it first; Pillow also reads it after other chunks
+        raise ImageError("is not a valid PNG (its first chunk is not IHDR)")
     depth, colour, interlace = data[24], data[25], data[28]
     bits = _PNG_CHANNELS.get(colour, 1) * depth
     passes = _ADAM7 if interlace else ((0, 0, 1, 1),)

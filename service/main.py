@@ -10,6 +10,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict
+from urllib.parse import unquote
 
 from fastapi import FastAPI, Request, Response, status
 from fastapi.exception_handlers import http_exception_handler
@@ -94,12 +95,20 @@ def _without_trailing_slash(request: Request) -> str | None:
     terminates TLS it sent https clients to http, and it echoed any Host a client sent."""
     path: str = request.scope["path"]
     stripped = path.rstrip("/")
-    if not stripped or stripped == path or stripped.startswith("//"):  # `//host`: another site's URL
+    if not stripped or stripped == path:
+        return None
+    # The slashes as sent: an encoded one (`/sample%2F`) is part of the name, and stripping the decoded path
+    # while the Location kept `%2F` sent the client back to the same URL for ever.
+    raw: bytes = request.scope.get("raw_path") or path.encode()
+    if unquote(raw.rstrip(b"/").decode("latin-1")) != stripped:
+        return None
+    # A 404 from inside a mount (the docs' files: it extends root_path on the way in) is the mount's own.
+    root = request.scope.get("root_path", "")
+    if root != request.scope.get("app_root_path", root):
         return None
     scope = {**request.scope, "path": stripped}
     if all(route.matches(scope)[0] == Match.NONE for route in request.app.router.routes):
         return None
-    raw: bytes = request.scope.get("raw_path") or path.encode()
     query: bytes = request.scope["query_string"]
     return (raw.rstrip(b"/") + (b"?" + query if query else b"")).decode("latin-1")
 

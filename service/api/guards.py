@@ -9,7 +9,8 @@ Protocol's `error`):
 - 503 with `Retry-After` at once when VAE_MAX_IN_FLIGHT requests are being handled already;
 - 413 for a body past VAE_MAX_BODY_BYTES: from its Content-Length before the app runs, or counted while it
   streams in, so that a body without a length, or with a false one, is cut off there and never read whole;
-- 400 for a GET or HEAD that comes with a body (a Content-Length above 0, or chunked): nothing here reads one;
+- 400 for a GET or HEAD that comes with a body (a Content-Length above 0, or bytes in chunks): nothing here
+  reads one;
 - 415 for a compressed body (a Content-Encoding other than identity), and 408 for a body that takes longer
   than VAE_BODY_TIMEOUT to arrive: both when the route reads it, in that route's error shape.
 
@@ -91,7 +92,7 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
-        if scope["method"] in _NO_BODY and (declared or _has_header(scope, b"transfer-encoding")):
+        if scope["method"] in _NO_BODY and (declared or await self._chunked_body(scope, receive)):
             detail = (
                 f"{scope['method']} {quoted(scope['path'])} takes no request body; "
                 "options go in the query string (?name=value)"
@@ -136,6 +137,19 @@ class BodyLimit:
             return message
 
         await self.app(scope, counted, send)
+
+    async def _chunked_body(self, scope: Scope, receive: Receive) -> bool:
+        """Whether a GET sent chunked has a body. Some clients send an empty one so (the last chunk and
+        nothing before it): that one is let through; one with bytes in it, or whose last chunk has not come
+        within the body timeout, is a body."""
+        if not _has_header(scope, b"transfer-encoding"):
+            return False
+        try:
+            async with asyncio.timeout(self.timeout):
+                message = await receive()
+        except TimeoutError:
+            return True
+        return message["type"] == "http.request" and bool(message.get("body") or message.get("more_body"))
 
 
 def _refuse_encoded(scope: Scope) -> None:

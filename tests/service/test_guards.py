@@ -80,6 +80,7 @@ def test_a_get_with_a_body_is_400_not_answered_without_it(
     assert message == f"GET {route!r} takes no request body; options go in the query string (?name=value)"
     assert response.headers["connection"] == "close"
     assert client.request("GET", path, headers={"content-length": "0"}).status_code == 200
+    assert client.request("GET", path, content=iter([b""])).status_code == 200  # chunked, but empty
 
 
 def test_body_at_the_limit_is_read(guarded: TestClient) -> None:

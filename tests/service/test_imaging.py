@@ -397,6 +397,11 @@ def test_a_png_whose_image_data_holds_too_few_rows_is_refused(side: int, interla
         read_pixels(short, GREY)
     with pytest.raises(ImageError, match="truncated"):
         read_pixels(raw_png(side, side, data[:-1], interlace), GREY)  # one byte short
+    # A chunk before IHDR, which Pillow reads past: the check is not skipped (its fields are not misread).
+    signature, rest = short[:8], short[8:]
+    ancillary = struct.pack(">I", 1) + b"abCd" + b"x" + struct.pack(">I", zlib.crc32(b"abCdx"))
+    with pytest.raises(ImageError, match="its first chunk is not IHDR"):
+        read_pixels(signature + ancillary + rest, GREY)
 
 
 def decoded(data: bytes) -> np.ndarray:

@@ -428,15 +428,18 @@ def _flag(parameters: dict[str, Any], name: str, where: str, default: bool = Fal
 
 
 def _refuse_unsupported(parameters: dict[str, Any], where: str, known: str) -> None:
-    """422 for the protocol's extensions this server does not run; 400 for a parameter that is not `known`
-    (a misspelt `binary_data` would otherwise be ignored and the output come back as JSON)."""
+    """422 for the protocol's extensions this server does not run; 400 for a name of the binary tensor data
+    extension other than `known`, the one that applies here (a misspelt `binary_data` would be ignored, and
+    the output come back as JSON). Other parameters are free-form in the protocol (tritonclient's `timeout`,
+    `priority` and `sequence_*`, a codec's `content_type`): they do not change what these models compute."""
     for name, what in (("shared_memory_region", "shared memory"), ("classification", "classification")):
         if name in parameters:
             raise _unrunnable(f"{where}.parameters.{name}: {what} is not supported by this server")
     for name in parameters:
-        if name != known:
+        if name.startswith("binary") and name != known:
             raise _invalid(
-                f"{where}.parameters has {quoted(name)}, which this server does not read; it reads {known}"
+                f"{where}.parameters has {quoted(name)}, which is not a parameter of the binary tensor data "
+                f"extension here; {where} takes {known}"
             )
 
 

@@ -34,9 +34,13 @@ def test_the_redirect_keeps_the_method_and_body(client: TestClient) -> None:
     assert len(response.json()["images"]) == 1
 
 
-@pytest.mark.parametrize("path", ["/nothing/", "//elsewhere.example/", "/static/"])
+@pytest.mark.parametrize(
+    "path",
+    ["/nothing/", "/static/", "/sample%2F", "/sample%2f/", "/docs/assets/sample/"],
+    ids=["no-route", "static", "encoded-slash", "encoded-then-plain", "inside-the-docs-mount"],
+)
 def test_a_trailing_slash_on_no_route_is_404(client: TestClient, path: str) -> None:
-    # The full URL, so that `//elsewhere.example/` is sent as the path (a redirect to `//elsewhere.example`
-    # would send the client to another site).
+    """An encoded slash is part of the name (redirecting `/sample%2F` to itself looped); a path inside the
+    docs' mount is not the app's `/sample`."""
     response = client.get(f"http://testserver{path}", follow_redirects=False)
     assert detail(response, 404) == "Not Found"

@@ -258,18 +258,20 @@ Z = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
         (
             {"inputs": [Z], "parameters": {"binary_data_outptu": True}},
             400,
-            "request.parameters has 'binary_data_outptu', which this server does not read; it reads "
-            "binary_data_output",
+            "request.parameters has 'binary_data_outptu', which is not a parameter of the binary tensor data "
+            "extension here; request takes binary_data_output",
         ),
         (
-            {"inputs": [{**Z, "parameters": {"bogus": 1}}]},
+            {"inputs": [{**Z, "parameters": {"binary_data": True}}]},
             400,
-            "inputs[0].parameters has 'bogus', which this server does not read; it reads binary_data_size",
+            "inputs[0].parameters has 'binary_data', which is not a parameter of the binary tensor data "
+            "extension here; inputs[0] takes binary_data_size",
         ),
         (
             {"inputs": [Z], "outputs": [{"name": "x_mean", "parameters": {"binary": True}}]},
             400,
-            "outputs[0].parameters has 'binary', which this server does not read; it reads binary_data",
+            "outputs[0].parameters has 'binary', which is not a parameter of the binary tensor data "
+            "extension here; outputs[0] takes binary_data",
         ),
     ],
     ids=[
@@ -299,7 +301,7 @@ Z = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
         "misspelt-field",
         "non-boolean-flag",
         "misspelt-request-parameter",
-        "unknown-input-parameter",
+        "misplaced-input-parameter",
         "misspelt-output-parameter",
     ],
 )
@@ -438,6 +440,10 @@ def test_tritonclient_gets_what_encode_and_decode_give(model_dir: Path, free_por
             request = triton.InferInput("z", list(z.shape), "FP32")
             request.set_data_from_numpy(z)
             result = triton_client.infer("decoder", [request])  # no outputs named: all of them, as bytes
+            np.testing.assert_allclose(result.as_numpy("x_mean"), decoded, rtol=0, atol=TOLERANCE)
+            # The protocol's free-form parameters, as tritonclient sends them: accepted, the same result.
+            hints = {"timeout": 5_000_000, "priority": 1, "sequence_id": 7, "parameters": {"note": "x"}}
+            result = triton_client.infer("decoder", [request], **hints)
             np.testing.assert_allclose(result.as_numpy("x_mean"), decoded, rtol=0, atol=TOLERANCE)
 
             with pytest.raises(InferenceServerException) as refused:
