@@ -602,7 +602,8 @@ def conv_model(work: Path) -> Path:
 
 def service_env(model_dir: Path, **extra: str) -> dict[str, str]:
     env = {name: value for name, value in os.environ.items() if not name.startswith("VAE_")}
-    return env | {"VAE_MODEL_DIR": str(model_dir)} | extra
+    # The peer loads ONNX Runtime before the training package, which would turn its telemetry off.
+    return env | {"ORT_DISABLE_TELEMETRY": "1", "VAE_MODEL_DIR": str(model_dir)} | extra
 
 
 def loads(values: list[float]) -> str:

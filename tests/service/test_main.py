@@ -161,8 +161,9 @@ def wait_ready(process: subprocess.Popen[str], http: httpx2.Client) -> None:
 
 
 @pytest.mark.slow
-def test_serves_over_http(model_dir: Path, free_port: int) -> None:
-    process = uvicorn(free_port, service_env(model_dir))
+def test_serves_over_http(model_dir: Path, free_port: int, tmp_path: Path) -> None:
+    # HOME where ONNX Runtime's usage telemetry would write its database: the service keeps it off.
+    process = uvicorn(free_port, service_env(model_dir, HOME=str(tmp_path)))
     base = f"http://127.0.0.1:{free_port}"
     try:
         with httpx2.Client(base_url=base, timeout=5.0) as http:
@@ -178,6 +179,8 @@ def test_serves_over_http(model_dir: Path, free_port: int) -> None:
     finally:
         output = stop(process)
     assert "running on CPUExecutionProvider" in output
+    assert list(tmp_path.rglob("*")) == []  # no telemetry database, no device id
+    assert "telemetry" not in output
 
 
 @pytest.mark.slow
