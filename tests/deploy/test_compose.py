@@ -81,7 +81,11 @@ def volume(service: dict[str, Any], name: str) -> tuple[str, str]:
 
 def assert_settings(environment: dict[str, str], tmp_path: Path) -> Settings:
     """The VAE_ variables are Settings fields (extra="ignore" would drop a misspelt one) and valid."""
-    fields = {name.removeprefix("VAE_").lower(): value for name, value in environment.items()}
+    fields = {
+        name.removeprefix("VAE_").lower(): value
+        for name, value in environment.items()
+        if name.startswith("VAE_")
+    }
     assert set(fields) <= set(Settings.model_fields), sorted(set(fields) - set(Settings.model_fields))
     return Settings(**{**fields, "model_dir": tmp_path})
 
@@ -126,7 +130,9 @@ def test_api_serves_the_image_port_and_model(gpu: dict[str, Any], runtime: Stage
     api = gpu["services"]["api"]
     assert api["build"] == {"context": ".", "target": "runtime"}
     # Reached through the load balancer only: a fixed host port would stop `--scale api=N` at one replica.
+    # So only the balancer reaches it, and uvicorn may take the client's address from its X-Forwarded-For.
     assert "ports" not in api
+    assert api["environment"]["FORWARDED_ALLOW_IPS"] == "*"
     assert api["expose"] == [runtime.one("EXPOSE").value]
     assert api["environment"]["VAE_MODEL_DIR"] == runtime.env_literals()["VAE_MODEL_DIR"]
     assert volume(api, "models") == ("/models", "ro")

@@ -151,6 +151,11 @@ def test_probes_are_the_apps_health_routes(container: dict[str, Any], runtime: S
     readiness, liveness = container["readinessProbe"]["httpGet"], container["livenessProbe"]["httpGet"]
     assert (readiness["path"], liveness["path"]) == ("/ready", "/health")
     assert readiness["port"] == liveness["port"] == container["ports"][0]["name"]
+    # A slow start (a larger model, the first CUDA context) is the startup probe's, not a liveness failure.
+    startup = container["startupProbe"]
+    assert startup["httpGet"] == liveness
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 120
+    assert "initialDelaySeconds" not in container["livenessProbe"]
     # Both answer 200 on the service once it has loaded its model (here on the CPU).
     app = create_app(
         Settings(model_dir=DEFAULT_MODEL, providers=["CPUExecutionProvider"], intra_op_threads=1)
