@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated
 
 import onnxruntime as ort
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-__all__ = ["Settings", "get_settings"]
+__all__ = ["DEFAULT_SAMPLES", "DEFAULT_STEPS", "Settings", "get_settings", "misspelt_settings"]
+
+# The defaults of /sample's n and /interpolate's steps: the limits on them may not be lower.
+DEFAULT_SAMPLES = 16
+DEFAULT_STEPS = 8
+
+# A browser's Origin header: scheme, host, optional port.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+")
 
 
 def _usable_cpus() -> int:
@@ -41,7 +51,10 @@ class Settings(BaseSettings):
     # Refuse to start unless the CUDA provider is really in use (instead of silently running on the CPU).
     require_gpu: bool = False
     # Threads ONNX Runtime uses inside one operator; default: one fewer than the CPUs this process may run on.
-    intra_op_threads: int = Field(default_factory=_model_threads, ge=1)
+    # More than the CPUs only contend; the bound is fixed (not this machine's CPUs, so that a value good on
+    # one node is good on all) and keeps a slip of the finger from starting a million threads, which took
+    # every byte of memory before the process died.
+    intra_op_threads: int = Field(default_factory=_model_threads, ge=1, le=1024)
     # Coalesce the model runs of concurrent requests into one ONNX Runtime run, on a thread per graph
     # (off: each request runs its own batch on the event loop).
     batching: bool = True
@@ -52,11 +65,12 @@ class Settings(BaseSettings):
     batch_max_delay_us: int = Field(default=0, ge=0, le=1_000_000)
     # Most images one request may carry (/encode, /reconstruct, /kl, /interpolate, /v2 encoder inference).
     max_images: int = Field(default=64, ge=1)
-    # Most latents one request may carry or ask for (/decode, /kl, /sample?n=).
+    # Most latents one request may carry or ask for (/decode, /kl, /sample?n=, the v2 decoder's batch); at
+    # least /sample's default n, so that a request without it is within the limit.
     max_latents: int = Field(default=256, ge=1)
     # Most z draws per image on /encode?samples=.
     max_samples: int = Field(default=64, ge=1)
-    # Most images one /interpolate may return (steps); at least 2.
+    # Most images one /interpolate may return (steps); at least its default steps.
     max_steps: int = Field(default=64, ge=2)
     # Largest nearest-neighbour upscaling factor of PNG outputs (?scale=).
     max_scale: int = Field(default=32, ge=1)
@@ -86,6 +100,13 @@ class Settings(BaseSettings):
     # below the orchestrator's grace period (compose: 30 s), so that shutdown completes before SIGKILL.
     drain_timeout: int = Field(default=20, ge=1)
 
+    @field_validator("model_dir", mode="before")
+    @classmethod
+    def _model_dir_given(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():  # Path("") is the working directory
+            raise ValueError("is empty; set VAE_MODEL_DIR to the directory of model.json (or leave it unset)")
+        return value
+
     @field_validator("model_dir")
     @classmethod
     def _model_dir_exists(cls, value: Path) -> Path:
@@ -112,6 +133,33 @@ class Settings(BaseSettings):
             )
         return value
 
+    @field_validator("max_latents", "max_steps")
+    @classmethod
+    def _at_least_the_default(cls, value: int, info: ValidationInfo) -> int:
+        option, route, default = {
+            "max_latents": ("n", "/sample", DEFAULT_SAMPLES),
+            "max_steps": ("steps", "/interpolate", DEFAULT_STEPS),
+        }[str(info.field_name)]
+        if value < default:
+            raise ValueError(
+                f"{value} is below {default}, the {option} of {route} when a request gives none; "
+                f"it must be at least {default}"
+            )
+        return value
+
+    @field_validator("cors_origins")
+    @classmethod
+    def _origins(cls, value: list[str]) -> list[str]:
+        # What a browser sends as Origin: scheme://host[:port], nothing after it. `https://app.example/`
+        # never equals one, and would turn CORS off without a word.
+        wrong = [origin for origin in value if origin != "*" and not _ORIGIN.fullmatch(origin)]
+        if wrong:
+            raise ValueError(
+                f"{', '.join(repr(origin) for origin in wrong)}: not an origin; give scheme://host[:port] "
+                "(no path, no trailing slash), or * for any"
+            )
+        return value
+
     @field_validator("providers")
     @classmethod
     def _known_providers(cls, value: list[str]) -> list[str]:
@@ -128,3 +176,17 @@ class Settings(BaseSettings):
 def get_settings() -> Settings:
     """Settings from the environment, read once per process."""
     return Settings()
+
+
+def misspelt_settings(environ: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(variable, the setting it is close to) for each VAE_ variable that is no setting but nearly one:
+    `VAE_MAX_IMAGE` is ignored like any variable that is not a setting (others share the prefix: Kubernetes
+    makes VAE_SERVICE_HOST and the like for a Service named vae), so startup warns of it."""
+    names = [f"VAE_{name.upper()}" for name in Settings.model_fields]
+    found = []
+    for variable in sorted(environ):
+        if variable.startswith("VAE_") and variable not in names:
+            close = difflib.get_close_matches(variable, names, n=1, cutoff=0.85)
+            if close:
+                found.append((variable, close[0]))
+    return found

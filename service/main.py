@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any, TypedDict
@@ -27,7 +28,7 @@ from service.api.middleware import RequestMiddleware
 from service.api.responses import NumpyJSONResponse
 from service.api.routes import ROUTERS
 from service.api.routes.v2 import error_key, is_protocol_path, protocol_error
-from service.config import Settings, get_settings
+from service.config import Settings, get_settings, misspelt_settings
 from service.logs import configure_logging
 from service.metrics import Metrics
 from service.runtime import Model, ModelError, load_model
@@ -148,6 +149,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     """The service; `settings` default to the environment (`VAE_*`)."""
     settings = settings or get_settings()
     configure_logging()
+    for variable, setting in misspelt_settings(os.environ):
+        log.warning("%s is not a setting, and is ignored: did you mean %s?", variable, setting)
     metrics = Metrics()
 
     @asynccontextmanager

@@ -20,7 +20,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from service.api.responses import ImageFormat
-from service.config import Settings
+from service.config import DEFAULT_SAMPLES, DEFAULT_STEPS, Settings
 from service.gaussian import InterpolationMethod
 
 __all__ = [
@@ -141,7 +141,7 @@ class Options(BaseModel):
 class SampleOptions(Options):
     """GET /sample."""
 
-    n: Count = 16
+    n: Count = DEFAULT_SAMPLES
     seed: Seed = None
     temperature: Temperature = 1.0
     format: Format = "png"
@@ -185,7 +185,7 @@ class ReconstructOptions(Options):
 class InterpolateOptions(Options):
     """POST /interpolate."""
 
-    steps: Steps = 8
+    steps: Steps = DEFAULT_STEPS
     method: Method = "slerp"
     format: Format = "png"
     scale: Scale = 1

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
-from service.config import Settings, get_settings
+from service.config import Settings, get_settings, misspelt_settings
 
 
 @pytest.fixture
@@ -92,6 +94,54 @@ def test_counts_must_be_positive(env: pytest.MonkeyPatch, name: str) -> None:
         Settings()
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("MAX_LATENTS", "15", "15 is below 16, the n of /sample when a request gives none"),
+        ("MAX_STEPS", "7", "7 is below 8, the steps of /interpolate when a request gives none"),
+        ("INTRA_OP_THREADS", "1000000", "less than or equal to 1024"),
+        ("MODEL_DIR", "", "is empty; set VAE_MODEL_DIR to the directory of model.json"),
+        ("CORS_ORIGINS", "https://app.example/", "'https://app.example/': not an origin; give scheme://host"),
+        ("CORS_ORIGINS", "https://ok.example,not a url", "'not a url': not an origin"),
+    ],
+    ids=[
+        "latents-below-sample-n",
+        "steps-below-default",
+        "threads",
+        "empty-model-dir",
+        "origin-path",
+        "origin",
+    ],
+)
+def test_settings_that_could_never_work_fail_fast(
+    env: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    env.setenv(f"VAE_{name}", value)
+    with pytest.raises(ValidationError, match=re.escape(message)):
+        Settings()
+
+
+def test_origins_and_limits_that_work_are_taken(env: pytest.MonkeyPatch) -> None:
+    env.setenv("VAE_CORS_ORIGINS", "https://app.example, http://localhost:3000,*")
+    env.setenv("VAE_MAX_LATENTS", "16")
+    settings = Settings()
+    assert settings.cors_origins == ["https://app.example", "http://localhost:3000", "*"]
+    assert settings.max_latents == 16
+
+
+def test_a_variable_one_letter_off_a_setting_is_named(env: pytest.MonkeyPatch) -> None:
+    environ = {
+        "VAE_MAX_IMAGE": "5",
+        "VAE_BATCH_MAX_DELAY": "9",
+        "VAE_SERVICE_HOST": "10.0.0.1",
+        "VAE_PORT": "1",
+    }
+    assert misspelt_settings(environ) == [
+        ("VAE_BATCH_MAX_DELAY", "VAE_BATCH_MAX_DELAY_US"),
+        ("VAE_MAX_IMAGE", "VAE_MAX_IMAGES"),
+    ]
+
+
 def test_body_timeout_is_seconds_above_zero(env: pytest.MonkeyPatch) -> None:
     assert Settings().body_timeout == 30.0
     env.setenv("VAE_BODY_TIMEOUT", "2.5")
@@ -112,3 +162,14 @@ def test_get_settings_reads_the_environment_once(env: pytest.MonkeyPatch) -> Non
         assert get_settings().max_images == 7
     finally:
         get_settings.cache_clear()
+
+
+def test_startup_warns_of_a_misspelt_setting(
+    env: pytest.MonkeyPatch, settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.main import create_app
+
+    env.setenv("VAE_MAX_IMAGE", "5")
+    with caplog.at_level(logging.WARNING, logger="service.main"):
+        create_app(settings)
+    assert "VAE_MAX_IMAGE is not a setting, and is ignored: did you mean VAE_MAX_IMAGES?" in caplog.text

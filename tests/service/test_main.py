@@ -35,13 +35,13 @@ def service_env(model_dir: Path, **extra: str) -> dict[str, str]:
 def test_create_app_without_arguments_reads_the_environment(
     monkeypatch: pytest.MonkeyPatch, model_dir: Path
 ) -> None:
-    for name, value in service_env(model_dir, VAE_MAX_LATENTS="5").items():
+    for name, value in service_env(model_dir, VAE_MAX_LATENTS="20").items():
         monkeypatch.setenv(name, value)
     get_settings.cache_clear()
     try:
         with TestClient(create_app()) as client:
             assert client.get("/ready").status_code == 200
-            assert detail(client.get("/sample?n=6"), 422)[0]["msg"].endswith("at most 5 (VAE_MAX_LATENTS)")
+            assert detail(client.get("/sample?n=21"), 422)[0]["msg"].endswith("at most 20 (VAE_MAX_LATENTS)")
     finally:
         get_settings.cache_clear()
 
