@@ -28,6 +28,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+# isort: off
+import service as _service  # noqa: F401  first: it turns ONNX Runtime's telemetry off before that loads
+
+# isort: on
 import numpy as np
 import onnxruntime as ort
 

@@ -10,6 +10,7 @@ exits 0.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from types import FrameType
@@ -17,7 +18,7 @@ from types import FrameType
 import uvicorn
 from pydantic import ValidationError
 
-from service.config import get_settings
+from service.config import get_settings, misspelt_settings
 
 __all__ = ["main"]
 
@@ -43,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
         for problem in error.errors(include_url=False, include_input=False):
             name = f"VAE_{str(problem['loc'][0]).upper()}" if problem["loc"] else "settings"
             print(f"invalid setting {name}: {problem['msg']}", file=sys.stderr)
+        # A misspelt variable may be why (VAE_MODEL_DIRS leaves VAE_MODEL_DIR at its default).
+        for variable, setting in misspelt_settings(os.environ):
+            print(f"{variable} is not a setting, and is ignored: did you mean {setting}?", file=sys.stderr)
         return BAD_SETTINGS
     # The factory, as `uvicorn --factory` takes it: uvicorn sets up its logging first, then the app its own.
     # It gets the settings just read (get_settings() reads the environment once).

@@ -20,8 +20,20 @@ __all__ = ["DEFAULT_SAMPLES", "DEFAULT_STEPS", "Settings", "get_settings", "miss
 DEFAULT_SAMPLES = 16
 DEFAULT_STEPS = 8
 
-# A browser's Origin header: scheme, host, optional port.
-_ORIGIN = re.compile(r"[a-z][a-z0-9+.-]*://[^/\s?#]+")
+# A browser's Origin header, as browsers write it: a lower-case scheme, an ASCII host (punycode for others)
+# in lower case or an IPv6 address in brackets, a port only where it is not the scheme's default; or `null`
+# (a file:// page, a sandboxed frame). Anything else never equals one.
+_ORIGIN = re.compile(
+    r"(?P<scheme>[a-z][a-z0-9+.-]*)://(?:\[[0-9a-f:.]+\]|[a-z0-9-]+(?:\.[a-z0-9-]+)*)(?::(?P<port>[0-9]{1,5}))?"
+)
+_DEFAULT_PORTS = {"http": "80", "https": "443"}
+# Most ONNX Runtime threads (VAE_INTRA_OP_THREADS), the default's too on a machine of more CPUs.
+MAX_THREADS = 1024
+
+
+def _is_origin(text: str) -> bool:
+    match = _ORIGIN.fullmatch(text)
+    return match is not None and match["port"] != _DEFAULT_PORTS.get(match["scheme"], "")
 
 
 def _usable_cpus() -> int:
@@ -35,7 +47,7 @@ def _model_threads() -> int:
     more than they speed up runs as short as these (a coalesced run of the default or the 28x28 conv model
     takes about a millisecond at most on the CPU).
     """
-    return max(1, _usable_cpus() - 1)
+    return min(MAX_THREADS, max(1, _usable_cpus() - 1))
 
 
 class Settings(BaseSettings):
@@ -54,7 +66,7 @@ class Settings(BaseSettings):
     # More than the CPUs only contend; the bound is fixed (not this machine's CPUs, so that a value good on
     # one node is good on all) and keeps a slip of the finger from starting a million threads, which took
     # every byte of memory before the process died.
-    intra_op_threads: int = Field(default_factory=_model_threads, ge=1, le=1024)
+    intra_op_threads: int = Field(default_factory=_model_threads, ge=1, le=MAX_THREADS)
     # Coalesce the model runs of concurrent requests into one ONNX Runtime run, on a thread per graph
     # (off: each request runs its own batch on the event loop).
     batching: bool = True
@@ -67,11 +79,11 @@ class Settings(BaseSettings):
     max_images: int = Field(default=64, ge=1)
     # Most latents one request may carry or ask for (/decode, /kl, /sample?n=, the v2 decoder's batch); at
     # least /sample's default n, so that a request without it is within the limit.
-    max_latents: int = Field(default=256, ge=1)
+    max_latents: int = 256
     # Most z draws per image on /encode?samples=.
     max_samples: int = Field(default=64, ge=1)
     # Most images one /interpolate may return (steps); at least its default steps.
-    max_steps: int = Field(default=64, ge=2)
+    max_steps: int = 64
     # Largest nearest-neighbour upscaling factor of PNG outputs (?scale=).
     max_scale: int = Field(default=32, ge=1)
     # One JSON log line per request (method, path, status, duration, request id); false turns it off.
@@ -152,11 +164,12 @@ class Settings(BaseSettings):
     def _origins(cls, value: list[str]) -> list[str]:
         # What a browser sends as Origin: scheme://host[:port], nothing after it. `https://app.example/`
         # never equals one, and would turn CORS off without a word.
-        wrong = [origin for origin in value if origin != "*" and not _ORIGIN.fullmatch(origin)]
+        wrong = [origin for origin in value if origin not in ("*", "null") and not _is_origin(origin)]
         if wrong:
             raise ValueError(
-                f"{', '.join(repr(origin) for origin in wrong)}: not an origin; give scheme://host[:port] "
-                "(no path, no trailing slash), or * for any"
+                f"{', '.join(repr(origin) for origin in wrong)}: not an origin as browsers send it; give "
+                "scheme://host[:port] in lower case (no path, no trailing slash or dot, no default port, "
+                "punycode for a non-ASCII host), or * for any"
             )
         return value
 
@@ -185,8 +198,9 @@ def misspelt_settings(environ: Mapping[str, str]) -> list[tuple[str, str]]:
     names = [f"VAE_{name.upper()}" for name in Settings.model_fields]
     found = []
     for variable in sorted(environ):
-        if variable.startswith("VAE_") and variable not in names:
-            close = difflib.get_close_matches(variable, names, n=1, cutoff=0.85)
+        upper = variable.upper()  # settings are read whatever the case of the variable's name
+        if upper.startswith("VAE_") and upper not in names:
+            close = difflib.get_close_matches(upper, names, n=1, cutoff=0.85)
             if close:
                 found.append((variable, close[0]))
     return found

@@ -3,4 +3,5 @@
 import os
 
 # ONNX Runtime checks each export; as in the service (service/__init__.py), without its usage telemetry.
-os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
+if not os.environ.get("ORT_DISABLE_TELEMETRY"):
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"

@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import DEFAULT_MODEL, REPO
+from tests.deploy.compose import load
 from tests.deploy.dockerfile import parse
 from tests.deploy.nginx import CONF, loopback, main_config
 
@@ -99,6 +100,11 @@ def stop(process: subprocess.Popen[bytes]) -> None:
             process.wait()
 
 
+def compose_api_environment() -> dict[str, str]:
+    environment: dict[str, str] = load(REPO / "docker-compose.yml")["services"]["api"]["environment"]
+    return environment
+
+
 def replica_argv(port: int) -> list[str]:
     """The image's CMD, run with this interpreter and on loopback instead of all interfaces."""
     argv = parse(REPO / "Dockerfile").stages["runtime"].one("CMD").exec_form()
@@ -109,9 +115,15 @@ def replica_argv(port: int) -> list[str]:
     return argv
 
 
+class Replicas(list[str]):
+    """The replicas' `127.0.0.1:port` addresses, and the files their output goes to."""
+
+    logs: list[Path]
+
+
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
-    """Two replicas of the service on free loopback ports: their `127.0.0.1:port` addresses."""
+def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
+    """Two replicas of the service on free loopback ports, as compose configures `api` (on the CPU)."""
     work = tmp_path_factory.mktemp("replicas")
     env = {key: value for key, value in os.environ.items() if not key.startswith("VAE_")}
     # No GPU here; one ONNX Runtime thread each, so the two share the machine's cores without contention.
@@ -119,6 +131,7 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
         "VAE_MODEL_DIR": str(DEFAULT_MODEL),
         "VAE_PROVIDERS": "CPUExecutionProvider",
         "VAE_INTRA_OP_THREADS": "1",
+        "FORWARDED_ALLOW_IPS": compose_api_environment()["FORWARDED_ALLOW_IPS"],
     }
     started: list[tuple[int, subprocess.Popen[bytes], Path]] = []
     try:
@@ -136,7 +149,9 @@ def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
             started.append((port, process, log))
         for port, process, log in started:
             wait_ready(port, process, log, READY_TIMEOUT_S)
-        yield [f"127.0.0.1:{port}" for port, _, _ in started]
+        addresses = Replicas(f"127.0.0.1:{port}" for port, _, _ in started)
+        addresses.logs = [log for _, _, log in started]
+        yield addresses
     finally:
         for _, process, _ in started:
             stop(process)
@@ -242,3 +257,18 @@ def test_errors_of_the_balancer_itself_are_json(tmp_path: Path) -> None:
         too_large = request(port, "POST", "/encode", b"", content_length=str(16 * 1024 * 1024 + 1))
     assert none_up.status == 502 and "replica" in json.loads(none_up.body)["detail"]
     assert too_large.status == 413 and "client_max_body_size" in json.loads(too_large.body)["detail"]
+
+
+def test_the_access_log_names_the_client_not_a_forged_forwarded_for(lb: int, replicas: Replicas) -> None:
+    """The replicas trust the balancer's X-Forwarded-For (FORWARDED_ALLOW_IPS, as compose sets it); the
+    balancer writes the address it sees there, so a client cannot put another one in the log."""
+    reply = request(lb, "GET", "/model", X_Forwarded_For="203.0.113.7", X_Request_ID="forged-forwarded-for")
+    assert reply.status == 200
+    deadline = time.monotonic() + REQUEST_TIMEOUT_S  # the line is written once the answer has gone out
+    while True:
+        lines = [line for log in replicas.logs for line in log.read_text().splitlines()]
+        logged = [json.loads(line) for line in lines if '"forged-forwarded-for"' in line]
+        if logged or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert [line["client"] for line in logged] == ["127.0.0.1"]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from service import config
 from service.config import Settings, get_settings, misspelt_settings
 
 
@@ -98,19 +99,31 @@ def test_counts_must_be_positive(env: pytest.MonkeyPatch, name: str) -> None:
     ("name", "value", "message"),
     [
         ("MAX_LATENTS", "15", "15 is below 16, the n of /sample when a request gives none"),
+        ("MAX_LATENTS", "0", "0 is below 16, the n of /sample"),
         ("MAX_STEPS", "7", "7 is below 8, the steps of /interpolate when a request gives none"),
         ("INTRA_OP_THREADS", "1000000", "less than or equal to 1024"),
         ("MODEL_DIR", "", "is empty; set VAE_MODEL_DIR to the directory of model.json"),
-        ("CORS_ORIGINS", "https://app.example/", "'https://app.example/': not an origin; give scheme://host"),
+        ("CORS_ORIGINS", "https://app.example/", "'https://app.example/': not an origin as browsers send it"),
         ("CORS_ORIGINS", "https://ok.example,not a url", "'not a url': not an origin"),
+        ("CORS_ORIGINS", "https://App.Example", "'https://App.Example': not an origin"),
+        ("CORS_ORIGINS", "https://app.example:443", "'https://app.example:443': not an origin"),
+        ("CORS_ORIGINS", "https://*.example.com", "'https://*.example.com': not an origin"),
+        ("CORS_ORIGINS", "https://bücher.example", "not an origin"),
+        ("CORS_ORIGINS", "https://app.example.", "not an origin"),
     ],
     ids=[
         "latents-below-sample-n",
+        "latents-zero",
         "steps-below-default",
         "threads",
         "empty-model-dir",
         "origin-path",
         "origin",
+        "origin-case",
+        "origin-default-port",
+        "origin-wildcard",
+        "origin-not-ascii",
+        "origin-trailing-dot",
     ],
 )
 def test_settings_that_could_never_work_fail_fast(
@@ -122,10 +135,16 @@ def test_settings_that_could_never_work_fail_fast(
 
 
 def test_origins_and_limits_that_work_are_taken(env: pytest.MonkeyPatch) -> None:
-    env.setenv("VAE_CORS_ORIGINS", "https://app.example, http://localhost:3000,*")
+    origins = [
+        "https://app.example",
+        "http://localhost:3000",
+        "http://[::1]:8080",
+        "https://xn--bcher-kva.example",
+    ]
+    env.setenv("VAE_CORS_ORIGINS", ", ".join([*origins, "null", "chrome-extension://abcdef", "*"]))
     env.setenv("VAE_MAX_LATENTS", "16")
     settings = Settings()
-    assert settings.cors_origins == ["https://app.example", "http://localhost:3000", "*"]
+    assert settings.cors_origins == [*origins, "null", "chrome-extension://abcdef", "*"]
     assert settings.max_latents == 16
 
 
@@ -140,6 +159,13 @@ def test_a_variable_one_letter_off_a_setting_is_named(env: pytest.MonkeyPatch) -
         ("VAE_BATCH_MAX_DELAY", "VAE_BATCH_MAX_DELAY_US"),
         ("VAE_MAX_IMAGE", "VAE_MAX_IMAGES"),
     ]
+    # Read whatever the case of the name (as the settings are): not a misspelling.
+    assert misspelt_settings({"VAE_MAX_IMAGEs": "3", "vae_max_images": "3"}) == []
+
+
+def test_the_default_thread_count_stays_within_the_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(config, "_usable_cpus", lambda: 4000)
+    assert config._model_threads() == config.MAX_THREADS
 
 
 def test_body_timeout_is_seconds_above_zero(env: pytest.MonkeyPatch) -> None:

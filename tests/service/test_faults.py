@@ -238,6 +238,12 @@ def test_startup_faults_exit_non_zero_with_a_clear_message(
         2,
         f"invalid setting VAE_MODEL_DIR: Value error, model directory '{tmp_path / 'gone'}' does not exist",
     )
+    # The typo that causes the failure: VAE_MODEL_DIRS set, VAE_MODEL_DIR left pointing nowhere.
+    faults["misspelt-setting"] = (
+        {"VAE_MODEL_DIR": str(tmp_path / "gone"), "VAE_MODEL_DIRS": str(model_dir)},
+        2,
+        "VAE_MODEL_DIRS is not a setting, and is ignored: did you mean VAE_MODEL_DIR?",
+    )
     faults["unknown-provider"] = (
         {"VAE_PROVIDERS": "CPUExecutionProvider,NoSuchExecutionProvider"},
         2,
