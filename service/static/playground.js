@@ -304,6 +304,7 @@ function renderSliders() {
     });
     slider.setAttribute("aria-label", `latent dimension ${d}`);
     slider.addEventListener("input", () => {
+      if (state.z === null) return; // the model is being (re)loaded: the sliders are going away
       state.z[d] = Number(slider.value);
       output.textContent = format(state.z[d], 2);
       decodeExplorer();
@@ -371,11 +372,27 @@ async function interpolate() {
 
 // ---- start ---------------------------------------------------------------------------------------------
 
+/** Clears what the previous model (or key) showed: nothing stays on screen that no longer answers. */
+function clearResults() {
+  for (const id of ["#samples", "#sliders", "#strip", "#model-card", "#posterior tbody"]) {
+    $(id).replaceChildren();
+  }
+  for (const id of ["#explorer-image", "#end-a", "#end-b", "#input-image", "#recon-image"]) {
+    $(id).removeAttribute("src");
+  }
+  $("#upload-result").hidden = true;
+  $("#explorer-source").textContent = "";
+  $("#sliders-note").textContent = "";
+  state.file = null;
+  state.uploadMu = null;
+}
+
 async function start() {
   state.model = null;
   state.base = null;
   state.z = null;
   state.ends = { A: null, B: null };
+  clearResults();
   await run($("#top"), async () => {
     state.model = await api("GET", "/model");
   });
@@ -421,8 +438,15 @@ function wire() {
     drop.classList.add("over");
   });
   drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  // A file dropped anywhere else on the page is read too, rather than opened by the browser in its place.
+  document.addEventListener("dragover", (event) => event.preventDefault());
+  document.addEventListener("drop", (event) => {
+    event.preventDefault();
+    if (event.dataTransfer.files.length > 0) analyse(event.dataTransfer.files[0]);
+  });
   drop.addEventListener("drop", (event) => {
     event.preventDefault();
+    event.stopPropagation(); // read once: not again by the page's own handler
     drop.classList.remove("over");
     if (event.dataTransfer.files.length > 0) analyse(event.dataTransfer.files[0]);
   });

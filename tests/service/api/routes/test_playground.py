@@ -178,17 +178,19 @@ def choose_file(page: Page, name: str, data: bytes) -> None:
     page.set_input_files("#file", files=[{"name": name, "mimeType": "image/png", "buffer": data}])
 
 
-def drop_file(page: Page, name: str, data: bytes) -> None:
-    """Drop a file called `name` on the page's drop zone, as a drag from the desktop does."""
-    page.evaluate(
-        """([name, bytes]) => {
+def drop_file(page: Page, name: str, data: bytes, on: str = "#drop") -> bool:
+    """Drop a file called `name` on the element `on` (the page's drop zone by default), as a drag from the
+    desktop does; whether the page took it (cancelled the event, so the browser does not open the file)."""
+    taken: bool = page.evaluate(
+        """([name, bytes, on]) => {
             const transfer = new DataTransfer();
             transfer.items.add(new File([new Uint8Array(bytes)], name, { type: "image/png" }));
             const drop = new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true });
-            document.querySelector("#drop").dispatchEvent(drop);
+            return !document.querySelector(on).dispatchEvent(drop);
         }""",
-        [name, list(data)],
+        [name, list(data), on],
     )
+    return taken
 
 
 def sample_sources(page: Page) -> list[str]:
@@ -279,4 +281,23 @@ def test_the_playground_with_api_keys(model_dir: Path, free_port: int) -> None:
         page.wait_for_function(SIXTEEN_SAMPLES)
         assert alert.is_hidden()
 
-    only_expected(console, refused("401 (Unauthorized)", f"{base}/model"))
+        # A file dropped outside the drop zone is read too (once), not opened by the browser instead.
+        reads: list[str] = []
+        page.on("request", lambda r: reads.append(r.url) if r.url.startswith(f"{base}/reconstruct") else None)
+        assert drop_file(page, "digit.png", digit_png(3), on="#model-card")
+        page.locator("#upload-result").wait_for(state="visible")
+        assert len(reads) == 1
+
+        # A key that stops working: what the old one showed is cleared, and the sliders are gone with it.
+        page.fill("#api-key", KEY + "-wrong")
+        page.press("#api-key", "Tab")
+        alert.wait_for(state="visible")
+        assert "GET /model answered 403" in alert.inner_text()
+        assert page.locator("#samples img").count() == 0
+        assert page.locator("#sliders input").count() == 0
+        assert page.locator("#upload-result").is_hidden()
+
+    expected = [refused("401 (Unauthorized)", f"{base}/model"), refused("403 (Forbidden)", f"{base}/model")]
+    for text, url_prefix in expected:
+        assert len([entry for entry in console if entry[0] == text and entry[1].startswith(url_prefix)]) == 1
+    assert [entry for entry in console if not any(entry[0] == text for text, _ in expected)] == [], console
