@@ -299,6 +299,12 @@ _SECURITY_SCHEMES = {
 }
 
 
+def _validation_error(response: dict[str, Any] | None) -> bool:
+    """Whether `response` is the 422 FastAPI documents by itself (FastAPI's HTTPValidationError)."""
+    content = (response or {}).get("content", {}).get("application/json", {})
+    return str(content.get("schema", {}).get("$ref", "")).endswith("/HTTPValidationError")
+
+
 def _documented(openapi: Callable[[], dict[str, Any]], *, keys: bool) -> Callable[[], dict[str, Any]]:
     """`app.openapi` with the guards' answers added to every operation they apply to."""
 
@@ -319,6 +325,10 @@ def _documented(openapi: Callable[[], dict[str, Any]], *, keys: bool) -> Callabl
                     if keys:
                         operation["security"] = [{name: []} for name in _SECURITY_SCHEMES]
                 responses = operation.setdefault("responses", {})
+                if "requestBody" not in operation and _validation_error(responses.get("422")):
+                    # FastAPI's own 422 for a route with a path parameter: a string path parameter and no
+                    # body cannot fail validation (an unknown /v2 model name is a 404).
+                    del responses["422"]
                 for code, description in refusals.items():
                     responses.setdefault(code, {"description": description, "content": error})
         return schema
