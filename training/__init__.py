@@ -1,7 +1,5 @@
 """Train, evaluate and export a VAE (PyTorch). Never imported by the service."""
 
-import os
-
-# ONNX Runtime checks each export; as in the service (service/__init__.py), without its usage telemetry.
-if not os.environ.get("ORT_DISABLE_TELEMETRY"):
-    os.environ["ORT_DISABLE_TELEMETRY"] = "1"
+# ONNX Runtime checks each export: the service package, imported first, turns its usage telemetry off before
+# anything here loads it (service/__init__.py).
+import service  # noqa: F401
