@@ -23,7 +23,7 @@ import asyncio
 import hashlib
 import hmac
 from collections.abc import Callable
-from typing import Any
+from typing import Any, get_args
 
 from fastapi import FastAPI, HTTPException, status
 from fastapi.middleware.cors import CORSMiddleware
@@ -37,13 +37,26 @@ from service.api.docs import is_docs_path
 from service.api.routes.playground import is_page_path
 from service.api.routes.v2 import ProtocolError, error_key, is_protocol_path
 from service.config import Settings
+from service.runtime import Graph
 from service.schemas import ErrorResponse
 
 __all__ = ["OPEN_PATHS", "APIKeys", "BodyLimit", "InFlightLimit", "install"]
 
 # Probes and the Prometheus scrape: answered without a key and outside the in-flight bound, so that a busy
-# server still reports (the KServe v2 health routes are the same probes for Triton/KServe clients).
-OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# server still reports (the KServe v2 health routes, the server's and each model's, are the same probes for
+# Triton/KServe clients: `is_model_ready` on a saturated server must not read as a model not ready).
+OPEN_PATHS = frozenset(
+    {
+        "/health",
+        "/ready",
+        "/metrics",
+        "/v2/health/live",
+        "/v2/health/ready",
+        *(f"/v2/models/{graph}/ready" for graph in get_args(Graph)),
+    }
+)
+# The same as the OpenAPI schema writes them (route templates).
+_OPEN_TEMPLATES = OPEN_PATHS | {"/v2/models/{model_name}/ready"}
 # Seconds a client refused for load is told to wait before it tries again.
 RETRY_AFTER_S = 1
 # The header of a refusal that leaves the rest of the body unread (408, 413): the connection closes after the
@@ -320,7 +333,7 @@ def _documented(openapi: Callable[[], dict[str, Any]], *, keys: bool) -> Callabl
             error = {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape.__name__}"}}}
             for operation in operations.values():
                 refusals = dict(_BODY_REFUSALS) if "requestBody" in operation else {}
-                if path not in OPEN_PATHS:
+                if path not in _OPEN_TEMPLATES:
                     refusals |= _BUSY | (_UNAUTHORISED if keys else {})
                     if keys:
                         operation["security"] = [{name: []} for name in _SECURITY_SCHEMES]

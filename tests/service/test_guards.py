@@ -166,8 +166,8 @@ def test_requests_past_the_in_flight_limit_get_503_at_once(settings: Settings) -
                     assert response.status_code == 503
                     assert response.headers["retry-after"] == "1"
                     assert "its limit (VAE_MAX_IN_FLIGHT)" in response.json()["detail"]
-                assert (await client.get("/ready")).status_code == 200
-                assert (await client.get("/health")).status_code == 200
+                for probe in ("/ready", "/health", "/v2/health/ready", "/v2/models/decoder/ready"):
+                    assert (await client.get(probe)).status_code == 200, probe
                 release.set()
                 for response in await asyncio.gather(*held):
                     assert response.status_code == 200, response.text
@@ -321,7 +321,8 @@ def test_two_keys_must_both_be_valid(guarded: TestClient, first: str) -> None:
 
 
 def test_probes_and_the_scrape_need_no_key(guarded: TestClient) -> None:
-    for path in ("/health", "/ready", "/v2/health/live", "/v2/health/ready", "/metrics"):
+    probes = ("/health", "/ready", "/v2/health/live", "/v2/health/ready", "/v2/models/encoder/ready")
+    for path in (*probes, "/metrics"):
         assert guarded.get(path).status_code == 200, path
     assert guarded.get("/ready", headers=bearer("wrong")).status_code == 200
     assert guarded.get("/v2/models/decoder").status_code == 401  # the rest of v2 is guarded
@@ -360,7 +361,9 @@ def test_openapi_documents_the_keys(guarded: TestClient, client: TestClient) -> 
     decode = schema["paths"]["/decode"]["post"]
     assert {"401", "403", "413", "503"} <= set(decode["responses"])
     assert decode["security"] == [{"bearer": []}, {"apiKey": []}]
-    assert "security" not in schema["paths"]["/health"]["get"]
+    for probe in ("/health", "/v2/models/{model_name}/ready"):
+        assert "security" not in schema["paths"][probe]["get"]
+        assert not {"401", "403"} & set(schema["paths"][probe]["get"]["responses"])
     # Without keys, no security and no 401/403.
     plain = client.get("/openapi.json").json()
     assert "securitySchemes" not in plain["components"]
