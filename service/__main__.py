@@ -15,11 +15,6 @@ import signal
 import sys
 from types import FrameType
 
-import uvicorn
-from pydantic import ValidationError
-
-from service.config import get_settings, misspelt_settings
-
 __all__ = ["main"]
 
 # uvicorn's exit status for an app that failed to start.
@@ -33,6 +28,16 @@ def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # From the first moment, before the imports below (uvicorn, pydantic: a few tenths of a second), so that
+    # an orchestrator stopping a process that has just started sees it exit 0, not killed by the signal.
+    # uvicorn handles SIGTERM while it serves, then raises it again with the handler it found: this one, so
+    # that a graceful stop exits 0 too.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.config import get_settings, misspelt_settings
+
     parser = argparse.ArgumentParser(prog="python -m service", description="Serve the VAE service.")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
@@ -58,9 +63,6 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=settings.drain_timeout,
     )
     server = uvicorn.Server(config)
-    # uvicorn handles SIGTERM while it serves, then raises it again with the handler it found: this one,
-    # so that a graceful stop exits 0 rather than being killed by the default action.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
     try:
         server.run()
     except KeyboardInterrupt:  # Ctrl-C, re-raised by uvicorn after the same graceful stop

@@ -13,6 +13,8 @@ import json
 import re
 import signal
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -116,6 +118,31 @@ def test_sigterm_finishes_every_request_in_flight(model_dir: Path, free_port: in
     finally:
         output = stop(process)
     assert "Application shutdown complete." in output
+
+
+# SIGTERM arriving while `python -m service` imports uvicorn, the first of its slow imports.
+_SIGTERM_WHILE_IMPORTING = """
+import os, runpy, signal, sys
+def hook(event, args):
+    if event == "import" and args[0] == "uvicorn":
+        os.kill(os.getpid(), signal.SIGTERM)
+sys.addaudithook(hook)
+sys.argv = ["python -m service"]
+runpy.run_module("service", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_sigterm_while_starting_exits_0(model_dir: Path) -> None:
+    """An orchestrator that stops a process it has just started sees it exit 0, not killed by the signal:
+    the handler is in place before the imports that take the first few tenths of a second."""
+    result = subprocess.run(
+        [sys.executable, "-c", _SIGTERM_WHILE_IMPORTING],
+        env=service_env(model_dir),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
 
 
 @pytest.mark.slow
