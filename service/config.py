@@ -111,6 +111,10 @@ class Settings(BaseSettings):
     # Seconds `python -m service` gives requests in flight to finish after SIGTERM before it cancels them;
     # below the orchestrator's grace period (compose: 30 s), so that shutdown completes before SIGKILL.
     drain_timeout: int = Field(default=20, ge=1)
+    # Seconds one model run may take before /health and /ready answer 503: a run that never returns (a
+    # hung GPU) leaves every later request waiting, and the orchestrator's liveness probe then restarts
+    # the process.
+    stall_timeout: float = Field(default=30.0, gt=0, allow_inf_nan=False)
 
     @field_validator("model_dir", mode="before")
     @classmethod

@@ -127,6 +127,7 @@ class Batcher:
         self._closed = False
         self._in_flight = 0  # requests queued or running on the thread
         self._alone = 0  # consecutive requests that found no other one in flight
+        self._run_started: float | None = None  # when the thread's run in progress began (monotonic); None
 
     async def __call__(self, tensor: Floats) -> list[Floats]:
         """The outputs of `run(tensor)`, computed within a coalesced run (or inline, see the class)."""
@@ -148,6 +149,20 @@ class Batcher:
             self._queue.put(_Pending(tensor, future, loop, time.monotonic()))
             self._in_flight += 1
         return await future
+
+    def stalled(self, after: float) -> str | None:
+        """Why this graph's requests can no longer be answered, or None: the thread's run in progress began
+        more than `after` seconds ago (a hung GPU, a driver fault), or the thread has died."""
+        started = self._run_started
+        if started is not None and (seconds := time.monotonic() - started) > after:
+            return (
+                f"the {self._name}'s run began {seconds:.0f} s ago and has not returned "
+                f"(VAE_STALL_TIMEOUT: {after:g} s)"
+            )
+        thread = self._thread
+        if thread is not None and not thread.is_alive() and not self._closed:
+            return f"the {self._name}'s thread has stopped"
+        return None
 
     def close(self, timeout: float = 5.0) -> None:
         """Finish the runs already queued, then stop the thread."""
@@ -185,7 +200,7 @@ class Batcher:
         if len(batch) == 1:
             return [self._run_alone(batch[0])]
         try:
-            outputs = self._run(np.concatenate([item.tensor for item in batch]))
+            outputs = self._timed_run(np.concatenate([item.tensor for item in batch]))
         except Exception:  # one input may be at fault: run each alone, so that only its own request fails
             return [self._run_alone(item) for item in batch]
         outcomes: list[_Outcome] = []
@@ -198,9 +213,17 @@ class Batcher:
 
     def _run_alone(self, item: _Pending) -> _Outcome:
         try:
-            return item, self._run(item.tensor)
+            return item, self._timed_run(item.tensor)
         except Exception as error:
             return item, error
+
+    def _timed_run(self, tensor: Floats) -> list[Floats]:
+        """`run`, with its start where `stalled` sees it."""
+        self._run_started = time.monotonic()
+        try:
+            return self._run(tensor)
+        finally:
+            self._run_started = None
 
     def _deliver(self, outcomes: list[_Outcome]) -> None:
         """Hand the outcomes to the requests' event loops: one wake-up per loop and batch."""
@@ -295,6 +318,15 @@ class Model:
         """`decode` for request handlers: off the event loop and coalesced when batching is on."""
         (x_mean,) = await self.infer("decoder", np.ascontiguousarray(latents, dtype=np.float32))
         return x_mean
+
+    def stalled(self, after: float) -> str | None:
+        """Why requests can no longer be answered (see `Batcher.stalled`), or None. A run without batching
+        runs on the event loop: one that hangs leaves no request answered, this check's included."""
+        for batcher in self._batchers.values():
+            problem = batcher.stalled(after)
+            if problem is not None:
+                return problem
+        return None
 
     def close(self) -> None:
         """Stop the batching threads (after the runs already queued)."""

@@ -23,7 +23,7 @@ from service.imaging import Floats
 from service.metrics import Metrics
 from service.runtime import Model
 
-__all__ = ["MetricsDep", "ModelDep", "SettingsDep", "body_images", "read_images", "served"]
+__all__ = ["MetricsDep", "ModelDep", "SettingsDep", "body_images", "not_stalled", "read_images", "served"]
 
 OptionsT = TypeVar("OptionsT", bound=Options)
 
@@ -60,6 +60,19 @@ async def app_metrics(request: Request) -> Metrics:
 SettingsDep = Annotated[Settings, Depends(app_settings)]
 ModelDep = Annotated[Model, Depends(loaded_model)]
 MetricsDep = Annotated[Metrics, Depends(app_metrics)]
+
+
+def not_stalled(request: Request) -> None:
+    """503 naming the problem when the loaded model's runs no longer return (`Model.stalled`); nothing before
+    the model is loaded."""
+    state = request.scope.get("state", {})
+    model: Model | None = state.get("model")
+    settings: Settings | None = state.get("settings")
+    if model is not None and settings is not None:
+        problem = model.stalled(settings.stall_timeout)
+        if problem is not None:
+            detail = f"{problem}: this process answers no model request"
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=detail)
 
 
 def served(request: Request, options: type[OptionsT]) -> tuple[Model, Settings, OptionsT]:

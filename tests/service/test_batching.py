@@ -8,6 +8,7 @@ failure and threading cases.
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +23,7 @@ from service.config import Settings
 from service.main import create_app
 from service.model_card import ModelCard
 from service.runtime import _PROBE_EVERY as PROBE_EVERY
-from service.runtime import Batcher, Batching, Floats, Model, load_model
+from service.runtime import Batcher, Batching, Floats, Graph, Model, load_model
 from service.schemas import EncodeResponse, SampleResponse
 from tests.service.helpers import body, digit_png, files
 
@@ -321,3 +322,84 @@ def test_requests_one_at_a_time_run_inline_with_a_probe_through_the_thread() -> 
     inline = [i for i, thread in enumerate(together) if thread == loop_thread]
     assert inline == list(range(len(inline))) and len(inline) < every
     assert len(together) < 3 * every  # the rest were coalesced
+
+
+def test_a_run_that_does_not_return_is_reported_until_it_does() -> None:
+    release = threading.Event()
+
+    def hung(tensor: Floats) -> list[Floats]:
+        release.wait(10)
+        return [tensor]
+
+    batcher = stand_in(hung, delay_s=0.0)
+
+    async def hang_then_release() -> tuple[str | None, str | None, list[Floats]]:
+        run = asyncio.ensure_future(batcher(np.zeros((1, 2), dtype=np.float32)))
+        await asyncio.sleep(0.3)
+        early, late = batcher.stalled(after=5.0), batcher.stalled(after=0.1)
+        release.set()
+        return early, late, await run
+
+    try:
+        early, late, result = asyncio.run(hang_then_release())
+        assert early is None  # running, but for less than `after`
+        assert late is not None and re.fullmatch(
+            r"the test batcher's run began 0 s ago and has not returned \(VAE_STALL_TIMEOUT: 0.1 s\)", late
+        )
+        assert result[0].shape == (1, 2) and batcher.stalled(after=0.1) is None
+    finally:
+        release.set()
+        batcher.close()
+
+
+# pytest reports the thread's end as a warning, which this suite turns into an error.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_batching_thread_that_died_is_reported() -> None:
+    def fatal(tensor: Floats) -> list[Floats]:
+        raise SystemExit  # not an Exception: it ends the thread, as no failing run should
+
+    batcher = stand_in(fatal, delay_s=0.0)
+
+    async def never_answered() -> None:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(batcher(np.zeros((1, 2), dtype=np.float32)), timeout=0.5)
+
+    assert batcher.stalled(after=30.0) is None  # no thread yet
+    asyncio.run(never_answered())
+    assert batcher.stalled(after=30.0) == "the test batcher's thread has stopped"
+    batcher.close()
+    assert batcher.stalled(after=30.0) is None  # stopped on purpose
+
+
+def test_probes_answer_503_while_a_model_run_hangs(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that never returns (a hung GPU) would leave every later request waiting: liveness and readiness
+    fail after VAE_STALL_TIMEOUT, so that the orchestrator restarts the process, and recover if it returns."""
+    release = threading.Event()
+    run = Model.run
+
+    def hung(self: Model, graph: Graph, tensor: Floats) -> list[Floats]:
+        release.wait(10)
+        return run(self, graph, tensor)
+
+    probes = ("/health", "/ready", "/v2/health/live", "/v2/health/ready", "/v2/models/decoder/ready")
+    with TestClient(create_app(settings.model_copy(update={"stall_timeout": 0.2}))) as client:
+        monkeypatch.setattr(Model, "run", hung)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            waiting = pool.submit(client.get, "/sample?n=1")
+            try:
+                time.sleep(0.5)
+                for probe in probes:
+                    response = client.get(probe)
+                    assert response.status_code == 503, probe
+                    problem = response.json()["error" if probe.startswith("/v2") else "detail"]
+                    assert problem.startswith("the decoder batcher's run began"), problem
+                    assert problem.endswith(
+                        "(VAE_STALL_TIMEOUT: 0.2 s): this process answers no model request"
+                    )
+            finally:
+                release.set()
+            assert waiting.result().status_code == 200
+        for probe in probes:
+            assert client.get(probe).status_code == 200, probe

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from service.api.deps import ModelDep
+from service.api.deps import ModelDep, not_stalled
 from service.api.responses import error_responses
 from service.schemas import HealthResponse, ModelFile, ModelInfo, ReadyResponse
 
@@ -13,15 +13,18 @@ __all__ = ["router"]
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", summary="Liveness", response_model=HealthResponse)
-async def health() -> HealthResponse:
-    """The process is alive (it does not look at the model)."""
+@router.get("/health", summary="Liveness", response_model=HealthResponse, responses=error_responses(503))
+async def health(request: Request) -> HealthResponse:
+    """The process is alive: 503 only when a model run has not returned within VAE_STALL_TIMEOUT seconds (a
+    hung GPU), for the orchestrator to restart it. It answers while the model loads too."""
+    not_stalled(request)
     return HealthResponse()
 
 
 @router.get("/ready", summary="Readiness", response_model=ReadyResponse, responses=error_responses(503))
-async def ready(model: ModelDep) -> ReadyResponse:
-    """The model is loaded, checked against its card and warmed up; 503 before."""
+async def ready(request: Request, model: ModelDep) -> ReadyResponse:
+    """The model is loaded, checked against its card and warmed up, and its runs return; 503 otherwise."""
+    not_stalled(request)
     return ReadyResponse(provider=model.provider)
 
 

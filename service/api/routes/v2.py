@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.config import JsonDict
 
 from service.api.bodies import more_values_than, quoted, request_body
-from service.api.deps import ModelDep, SettingsDep
+from service.api.deps import ModelDep, SettingsDep, not_stalled
 from service.api.responses import NumpyJSONResponse
 from service.config import Settings
 from service.model_card import OnnxFile, TensorSpec
@@ -228,15 +228,17 @@ async def server_metadata(request: Request) -> ServerMetadata:
     return ServerMetadata(name=SERVER_NAME, version=request.app.version, extensions=["binary_tensor_data"])
 
 
-@router.get("/health/live", summary="Server liveness", response_model=ServerLive)
-async def server_live() -> ServerLive:
-    """The process answers (like /health)."""
+@router.get("/health/live", summary="Server liveness", response_model=ServerLive, responses=_errors(503))
+async def server_live(request: Request) -> ServerLive:
+    """The process answers, and its model runs return (like /health)."""
+    not_stalled(request)
     return ServerLive(live=True)
 
 
 @router.get("/health/ready", summary="Server readiness", response_model=ServerReady, responses=_errors(503))
-async def server_ready(model: ModelDep) -> ServerReady:
-    """Both models are loaded and warmed up (like /ready); 503 before."""
+async def server_ready(request: Request, model: ModelDep) -> ServerReady:
+    """Both models are loaded and warmed up, and their runs return (like /ready); 503 otherwise."""
+    not_stalled(request)
     return ServerReady(ready=True)
 
 
@@ -263,9 +265,10 @@ async def model_metadata(model_name: str, model: ModelDep) -> ModelMetadata:
     response_model=ModelReady,
     responses=_errors(404, 503),
 )
-async def model_ready(model_name: str, model: ModelDep) -> ModelReady:
-    """The model is loaded and warmed up."""
+async def model_ready(request: Request, model_name: str, model: ModelDep) -> ModelReady:
+    """The model is loaded and warmed up, and runs return (like /ready)."""
     _graph(model, model_name)
+    not_stalled(request)
     return ModelReady(name=model_name, ready=True)
 
 
