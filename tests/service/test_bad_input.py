@@ -138,6 +138,14 @@ CASES = [
         request=upload("wide.png", png(np.zeros((100, 1000), dtype=np.uint8))),
     ),
     Case(
+        "pixels-one-over-the-setting",
+        "POST",
+        "/encode",
+        413,
+        f"file 0 ('line.png') is {PIXEL_LIMIT + 1}x1 pixels, more than the {PIXEL_LIMIT} this server decodes",
+        request=upload("line.png", png(np.zeros((1, PIXEL_LIMIT + 1), dtype=np.uint8))),
+    ),
+    Case(
         "pixels-of-the-request-over-the-setting",
         "POST",
         "/encode",

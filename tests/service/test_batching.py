@@ -248,6 +248,59 @@ def test_the_event_loop_keeps_running_while_a_batch_runs() -> None:
         batcher.close()
 
 
+def test_queued_requests_fill_a_batch_up_to_its_maximum_size() -> None:
+    """Six one-row requests queued behind a run: the next run takes four (VAE_BATCH_MAX_SIZE), the last one
+    comes after."""
+    rows: list[int] = []
+    release = threading.Event()
+
+    def held(tensor: Floats) -> list[Floats]:
+        rows.append(len(tensor))
+        release.wait(5)
+        return [tensor]
+
+    batcher = Batcher(held, Batching(max_size=4, max_delay=0.0), "test batcher")
+
+    async def queued_behind_a_run() -> None:
+        first = asyncio.ensure_future(batcher(np.zeros((1, 2), dtype=np.float32)))
+        await asyncio.sleep(0.1)  # running, on the thread
+        rest = [asyncio.ensure_future(batcher(np.full((1, 2), i, dtype=np.float32))) for i in range(5)]
+        await asyncio.sleep(0.05)
+        release.set()
+        await first
+        for i, answer in enumerate(await asyncio.gather(*rest)):
+            assert np.array_equal(answer[0], np.full((1, 2), i))
+
+    try:
+        asyncio.run(queued_behind_a_run())
+    finally:
+        release.set()
+        batcher.close()
+    assert rows == [1, 4, 1]
+
+
+def test_a_request_waits_up_to_the_maximum_delay_for_others() -> None:
+    """A second request 50 ms after the first joins its run when VAE_BATCH_MAX_DELAY_US allows 200 ms."""
+    rows: list[int] = []
+
+    def counted(tensor: Floats) -> list[Floats]:
+        rows.append(len(tensor))
+        return [tensor]
+
+    batcher = stand_in(counted, delay_s=GATHER_S)
+
+    async def one_then_another() -> None:
+        first = asyncio.ensure_future(batcher(np.zeros((1, 2), dtype=np.float32)))
+        await asyncio.sleep(GATHER_S / 4)
+        await asyncio.gather(first, batcher(np.ones((2, 2), dtype=np.float32)))
+
+    try:
+        asyncio.run(one_then_another())
+    finally:
+        batcher.close()
+    assert rows == [3]
+
+
 def test_close_finishes_queued_runs_then_refuses() -> None:
     batcher = stand_in(doubled, delay_s=0.05)
 

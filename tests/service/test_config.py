@@ -87,9 +87,25 @@ def test_api_keys_that_name_no_key_fail_fast(env: pytest.MonkeyPatch, value: str
 
 
 @pytest.mark.parametrize(
-    "name", ["INTRA_OP_THREADS", "MAX_IMAGES", "MAX_LATENTS", "MAX_SAMPLES", "MAX_SCALE"]
+    "name",
+    [
+        "INTRA_OP_THREADS",
+        "MAX_IMAGES",
+        "MAX_LATENTS",
+        "MAX_SAMPLES",
+        "MAX_SCALE",
+        "MAX_IN_FLIGHT",
+        "BATCH_MAX_SIZE",
+        "MAX_BODY_BYTES",
+        "MAX_IMAGE_PIXELS",
+        "MAX_REQUEST_PIXELS",
+        "DRAIN_TIMEOUT",
+        "BODY_TIMEOUT",
+        "STALL_TIMEOUT",
+    ],
 )
 def test_counts_must_be_positive(env: pytest.MonkeyPatch, name: str) -> None:
+    """0 would refuse every request (in flight, body bytes, pixels), or never run or wait for anything."""
     env.setenv(f"VAE_{name}", "0")
     with pytest.raises(ValidationError, match=name.lower()):
         Settings()
@@ -102,6 +118,8 @@ def test_counts_must_be_positive(env: pytest.MonkeyPatch, name: str) -> None:
         ("MAX_LATENTS", "0", "0 is below 16, the n of /sample"),
         ("MAX_STEPS", "7", "7 is below 8, the steps of /interpolate when a request gives none"),
         ("INTRA_OP_THREADS", "1000000", "less than or equal to 1024"),
+        ("BATCH_MAX_DELAY_US", "1000001", "less than or equal to 1000000"),
+        ("STALL_TIMEOUT", "inf", "finite number"),
         ("MODEL_DIR", "", "is empty; set VAE_MODEL_DIR to the directory of model.json"),
         ("CORS_ORIGINS", "https://app.example/", "'https://app.example/': not an origin as browsers send it"),
         ("CORS_ORIGINS", "https://ok.example,not a url", "'not a url': not an origin"),
@@ -116,6 +134,8 @@ def test_counts_must_be_positive(env: pytest.MonkeyPatch, name: str) -> None:
         "latents-zero",
         "steps-below-default",
         "threads",
+        "batch-delay-over-a-second",
+        "stall-timeout-infinite",
         "empty-model-dir",
         "origin-path",
         "origin",

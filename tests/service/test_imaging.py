@@ -468,6 +468,15 @@ def test_written_pngs_are_valid_and_exact(shape: tuple[int, int, int], scale: in
         np.testing.assert_array_equal(pixels, big[0] if shape[0] == 1 else big.transpose(1, 2, 0))
 
 
+def test_written_pngs_round_to_the_nearest_level_and_clip() -> None:
+    """A Bernoulli mean of 0.6 levels above k is written as k + 1, not cut down to k; outside [0, 1] clips."""
+    k = np.arange(0, 254, dtype=np.float64)
+    means = np.stack([(k + 0.6) / 255, (k + 0.4) / 255]).reshape(1, 1, 2, len(k))
+    pixels = decoded(to_png(means[0]))
+    np.testing.assert_array_equal(pixels, np.stack([k + 1, k]).astype(np.uint8))
+    assert decoded(to_png(np.array([[[-0.5, 1.5]]]))).tolist() == [[0, 255]]
+
+
 def test_small_pngs_are_stored_and_large_ones_deflated() -> None:
     flat = np.zeros((1, 1, 8, 8))
     # 8 rows of a filter byte and 8 pixels, uncompressed, plus the fixed chunks: 140 bytes.

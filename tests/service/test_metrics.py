@@ -56,6 +56,8 @@ def test_requests_and_model_runs_are_counted(fresh: TestClient) -> None:
     assert fresh.get("/sample?n=0").status_code == 422
     assert fresh.get("/nowhere/1").status_code == 404
     assert fresh.get("/nowhere/2").status_code == 404
+    for method in ("PROPFIND", "BREW"):
+        assert fresh.request(method, "/health").status_code == 405
     infer = {"inputs": [{"name": "z", "shape": [2, 16], "datatype": "FP32", "data": [0.0] * 32}]}
     assert fresh.post("/v2/models/decoder/infer", json=infer).status_code == 200
 
@@ -70,6 +72,9 @@ def test_requests_and_model_runs_are_counted(fresh: TestClient) -> None:
     infer_route = "/v2/models/{model_name}/infer"
     assert value(samples, requests, method="POST", route=infer_route, status="200") == 1
     assert not any("/nowhere" in label for _, labels in samples for _, label in labels)
+    # So do methods outside HTTP's own: a client cannot create series by inventing methods either.
+    assert value(samples, requests, method="other", route="/health", status="405") == 2
+    assert not any(label in ("PROPFIND", "BREW") for _, labels in samples for _, label in labels)
 
     latency = "vae_http_request_duration_seconds"
     assert value(samples, f"{latency}_count", method="GET", route="/health") == 3

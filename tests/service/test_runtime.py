@@ -44,6 +44,17 @@ def test_loads_and_runs(settings: Settings, card: ModelCard) -> None:
     assert (x_mean >= 0).all() and (x_mean <= 1).all()
 
 
+def test_images_reach_the_encoder_in_the_cards_pixel_range(model_copy: Path, card: ModelCard) -> None:
+    """A model trained on pixels in [-1, 1] gets the images (read in [0, 1]) as 2x - 1."""
+    edit_card(model_copy, lambda raw: raw["input"].update(pixel_range=[-1.0, 1.0]))
+    model = load_model(Settings(model_dir=model_copy, providers=CPU))
+    images = np.random.default_rng(0).uniform(size=(3, *card.input_shape)).astype(np.float32)
+    encoder = ort.InferenceSession(str(model_copy / card.encoder.file), providers=CPU)
+    expected = encoder.run(["mu", "logvar"], {"x": 2 * images - 1})
+    for got, want in zip(model.encode(images), expected, strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("batch", [1, 2, 7], ids=["one", "two", "seven"])
 def test_batch_axis_is_dynamic(settings: Settings, card: ModelCard, batch: int) -> None:
     model = load_model(settings)

@@ -331,9 +331,15 @@ def test_a_body_that_is_not_json_is_a_400(client: TestClient) -> None:
 
 def test_binary_sizes_must_add_up(client: TestClient) -> None:
     z = np.zeros((1, 16), dtype=np.float32)
-    declared = {"inputs": [{**Z, "data": None, "parameters": {"binary_data_size": 60}}]}
-    assert "binary_data_size is 60 but 64 bytes follow" in error(
-        client.post("/v2/models/decoder/infer", **binary_request(declared, z)), 400
+    for size in (60, 68):  # fewer and more than the bytes that follow
+        declared = {"inputs": [{**Z, "data": None, "parameters": {"binary_data_size": size}}]}
+        assert f"binary_data_size is {size} but 64 bytes follow" in error(
+            client.post("/v2/models/decoder/infer", **binary_request(declared, z)), 400
+        )
+    extra = {"inputs": [{**Z, "data": None, "parameters": {"binary_data_size": 68}}]}
+    longer = binary_request(extra, np.zeros((1, 17), dtype=np.float32))  # 68 bytes, as declared
+    assert error(client.post("/v2/models/decoder/infer", **longer), 422) == (
+        "inputs[0] has 68 bytes; shape [1, 16] of FP32 takes 64"
     )
     undeclared = {"inputs": [Z]}
     assert "64 bytes follow the JSON but inputs[0] has no binary_data_size" in error(
