@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
@@ -176,6 +177,36 @@ def test_card_input_size_that_disagrees_with_the_graph(model_copy: Path, card: M
     edit_card(model_copy, taller)
     with pytest.raises(
         ModelError, match=rf"model.json encoder.inputs\[0\].shape is \[None, {c}, {h + 1}, {w}\]"
+    ):
+        load(model_copy)
+
+
+def test_a_graph_of_another_dtype_is_refused(model_copy: Path, card: ModelCard) -> None:
+    """A decoder exported in float16, with the names and shapes the card gives: refused at startup, not
+    served with every request failing."""
+    d, (c, h, w) = card.latent_dim, card.input_shape
+    half = onnx.TensorProto.FLOAT16
+    graph = onnx.helper.make_graph(
+        [
+            onnx.helper.make_node("MatMul", ["z", "weights"], ["logits"]),
+            onnx.helper.make_node("Sigmoid", ["logits"], ["flat"]),
+            onnx.helper.make_node("Reshape", ["flat", "shape"], ["x_mean"]),
+        ],
+        "half_decoder",
+        [onnx.helper.make_tensor_value_info("z", half, ["batch", d])],
+        [onnx.helper.make_tensor_value_info("x_mean", half, ["batch", c, h, w])],
+        [
+            onnx.numpy_helper.from_array(np.zeros((d, c * h * w), dtype=np.float16), "weights"),
+            onnx.numpy_helper.from_array(np.array([-1, c, h, w], dtype=np.int64), "shape"),
+        ],
+    )
+    path = model_copy / card.decoder.file
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18)], ir_version=10)
+    onnx.save(model, str(path))
+    edit_card(model_copy, lambda raw: raw["decoder"].update(sha256=sha256_file(path)))
+    with pytest.raises(
+        ModelError,
+        match=r"model.json decoder.inputs\[0\].dtype is float32 but the graph has tensor\(float16\)",
     ):
         load(model_copy)
 
