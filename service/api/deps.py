@@ -71,8 +71,7 @@ def not_stalled(request: Request) -> None:
     if model is not None and settings is not None:
         problem = model.stalled(settings.stall_timeout)
         if problem is not None:
-            detail = f"{problem}: this process answers no model request"
-            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=detail)
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=problem)
 
 
 def served(request: Request, options: type[OptionsT]) -> tuple[Model, Settings, OptionsT]:
