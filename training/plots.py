@@ -96,9 +96,11 @@ def write_plots(
     else:
         points, axis_label = np.pad(mu, ((0, 0), (0, 2 - mu.shape[1]))), "z"
     fig, ax = plt.subplots(figsize=(6.5, 5.5))
-    scatter = ax.scatter(points[:, 0], points[:, 1], c=test_labels, cmap="tab10", s=8)
     if test_labels is not None:
+        scatter = ax.scatter(points[:, 0], points[:, 1], c=test_labels, cmap="tab10", s=8)
         fig.colorbar(scatter, ax=ax, label="label")
+    else:  # no colours to map: a colormap would only earn matplotlib's warning that it is ignored
+        ax.scatter(points[:, 0], points[:, 1], s=8)
     ax.set_xlabel(f"{axis_label} 1")
     ax.set_ylabel(f"{axis_label} 2")
     ax.set_title("posterior means of the test images")
