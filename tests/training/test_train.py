@@ -25,6 +25,16 @@ def test_objective_is_mean_recon_plus_beta_kl() -> None:
     assert float(objective(recon, kl, beta=1.0, free_bits=0.5)) == 17.5
 
 
+def test_free_bits_floor_each_dimensions_batch_mean_kl_not_each_images() -> None:
+    """Kingma et al. (2016): a dimension whose KL averaged over the batch is below the floor costs the floor.
+    Flooring each image's KL instead would charge dimension 0 for the image that does not use it."""
+    recon = torch.tensor([10.0, 20.0])
+    kl = torch.tensor([[1.0, 0.0], [0.0, 0.0]])  # batch-mean KL per dimension: [0.5, 0]
+    # [0.5, 0] -> [0.6, 0.6]; floored per image, [[1, 0.6], [0.6, 0.6]] would average to [0.8, 0.6].
+    assert float(objective(recon, kl, beta=1.0, free_bits=0.6)) == pytest.approx(15.0 + 1.2)
+    assert float(objective(recon, kl, beta=0.5, free_bits=0.6)) == pytest.approx(15.0 + 0.6)
+
+
 def test_checkpoint_rebuilds_the_model_and_history(tiny_run: Path) -> None:
     ckpt = load_checkpoint(tiny_run / "best.pt")
     assert ckpt.config["latent_dim"] == 3 and ckpt.config["hidden"] == [32]
@@ -180,6 +190,35 @@ def test_a_folder_of_rgb_images_trains_from_the_command_line(tmp_path: Path) -> 
     best = load_checkpoint(run / "best.pt")
     assert (best.config["channels"], best.config["height"], best.config["width"]) == (3, 6, 6)
     assert best.train_config["channels"] == 3
+
+
+def test_the_kl_weight_rises_linearly_at_every_step_of_the_warm_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The KL weight goes from 0 to beta over `warmup_epochs`, step by step, then stays at beta. Digits'
+    1258 training images in batches of 420 make three steps an epoch."""
+    betas: list[float] = []
+
+    def recorded(recon: torch.Tensor, kl: torch.Tensor, beta: float, free_bits: float) -> torch.Tensor:
+        betas.append(beta)
+        return objective(recon, kl, beta, free_bits)
+
+    monkeypatch.setattr(train_module, "objective", recorded)
+    args = ["--epochs", "3", "--warmup-epochs", "2", "--beta", "2", "--batch-size", "420", "--no-progress"]
+    assert main(["train", "--out", str(tmp_path / "run"), *args, "--hidden", "8", "--latent-dim", "2"]) == 0
+    assert betas == pytest.approx([0.0, 1 / 3, 2 / 3, 1.0, 4 / 3, 5 / 3, 2.0, 2.0, 2.0])
+
+
+def test_no_epoch_of_the_warm_up_is_taken_as_the_best(tmp_path: Path) -> None:
+    """Before the KL weight reaches beta the model is fitted to another objective: a run that ends inside
+    the warm-up has no best epoch yet (a resumed run's first epoch past it will be), and best.pt is its
+    last epoch."""
+    run = tmp_path / "run"
+    args = ["--hidden", "8", "--latent-dim", "2", "--warmup-epochs", "3", "--no-progress"]
+    assert main(["train", "--out", str(run), "--epochs", "2", *args]) == 0
+    best, last = load_checkpoint(run / "best.pt"), load_checkpoint(run / "last.pt")
+    assert last.best_val == best.best_val == math.inf
+    assert best.epoch == last.epoch == 2
 
 
 def test_a_run_resumed_inside_the_warm_up_reports_its_last_epoch(tmp_path: Path) -> None:
