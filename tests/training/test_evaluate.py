@@ -1,0 +1,37 @@
+"""Test metrics: the IWAE bound and the count of active latent units."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from training.evaluate import active_units, iwae_nll
+from training.model import VAE, DiagonalGaussian, VAEConfig
+
+
+@pytest.mark.parametrize("k", [1, 8, 300], ids=lambda k: f"k{k}")
+def test_iwae_is_exact_when_the_posterior_is_the_prior_and_the_decoder_ignores_z(k: int) -> None:
+    """Then p(x) = p(x|z) for every z and every importance weight is p(x): the mean of the k weights, not
+    their sum, gives -log p(x) whatever k (300 takes two chunks of draws)."""
+    model = VAE(VAEConfig(hidden=[8], latent_dim=3)).eval()
+    with torch.no_grad():
+        model.encoder.head.weight.zero_()
+        model.encoder.head.bias.zero_()  # q(z|x) = N(0, I)
+        last = model.decoder.body[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.linspace(-3, 3, 64))
+    x = (torch.rand((4, 1, 8, 8), generator=torch.Generator().manual_seed(0)) > 0.5).float()
+    exact = model.reconstruction_nll(x, torch.zeros((4, 3)))
+    estimate = iwae_nll(model, x, k, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(estimate, exact, rtol=1e-5, atol=1e-4)
+
+
+def test_active_units_count_the_dimensions_whose_posterior_mean_varies_over_the_data() -> None:
+    """Cov_x(E_q[z]) > 0.01 (Burda et al. 2016): of posterior means with variances 0, 0.005 and 0.02 over
+    the images, one dimension is active, whatever the posterior variances do."""
+    mu = torch.tensor([[3.0, -0.05, -0.1], [3.0, 0.05, 0.1]])  # unbiased variances 0, 0.005, 0.02
+    logvar = torch.tensor([[-1.0, -1.0, 0.0], [1.0, 1.0, 0.0]])  # variances 2, 2, 0
+    model = SimpleNamespace(posterior=lambda x: DiagonalGaussian(mu, logvar))
+    assert active_units(model, torch.zeros((2, 1, 8, 8))) == 1  # type: ignore[arg-type]
