@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import logging
 import os
 import struct
@@ -50,6 +51,40 @@ def test_read_idx_rejects_truncation(tmp_path: Path, images: np.ndarray, suffix:
     path = _write(tmp_path / f"short{suffix}", _idx_bytes(images)[:-10])
     with pytest.raises(DataError, match=r"truncated: shape \(5, 6, 7\) needs 210 bytes of data, found 200"):
         read_idx(path)
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"], ids=["plain", "gzip"])
+def test_read_idx_rejects_data_after_the_declared_images(
+    tmp_path: Path, images: np.ndarray, suffix: str
+) -> None:
+    """Bytes past the shape the header declares mean the header or the file is wrong: the file is named, not
+    read as fewer images than it holds."""
+    path = _write(tmp_path / f"long{suffix}", _idx_bytes(images) + bytes(3))
+    with pytest.raises(
+        DataError, match=rf"long{suffix}: trailing data: shape \(5, 6, 7\) needs 210 bytes of data, found 213"
+    ):
+        read_idx(path)
+
+
+def test_idx_pixels_are_read_as_the_service_reads_the_same_levels_in_a_png(
+    tmp_path: Path, images: np.ndarray
+) -> None:
+    """The service divides an upload's 8-bit levels by 255: IDX levels are scaled the same way, so that a
+    model sees the same values in training and in serving (255 is 1.0 in both)."""
+    from service.imaging import read_pixels
+    from service.model_card import InputSpec
+
+    images[0, 0, :2] = [0, 255]
+    _write(tmp_path / "train-images-idx3-ubyte", _idx_bytes(images))
+    dataset = load_dataset("idx", tmp_path)
+    spec = InputSpec(channels=1, height=6, width=7, foreground="light")
+    pngs = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        pngs.append(read_pixels(buffer.getvalue(), spec))
+    np.testing.assert_array_equal(dataset.images, np.stack(pngs).transpose(0, 3, 1, 2))
+    assert dataset.images[0, 0, 0, :2].tolist() == [0.0, 1.0]
 
 
 def test_read_idx_rejects_truncated_header_and_gzip(tmp_path: Path, images: np.ndarray) -> None:
@@ -226,6 +261,24 @@ def test_a_folder_is_fingerprinted_by_its_files_not_by_resampled_pixels(
     assert not np.array_equal(here.images, elsewhere.images) and here.sha256 == elsewhere.sha256
     Image.fromarray(np.full((12, 12), 7, np.uint8)).save(tmp_path / "1.png")
     assert load_dataset("folder", tmp_path, image_size=5).sha256 != here.sha256
+
+
+def test_a_folder_fingerprint_changes_when_a_file_is_renamed_or_moved(tmp_path: Path) -> None:
+    """The same bytes in the same order under other names are other data: a file moved to another
+    sub-directory has another label, so evaluate and export must refuse the checkpoint as for changed
+    pixels."""
+    for label, name, level in [("a", "0.png", 0), ("a", "1.png", 100), ("b", "2.png", 200)]:
+        (tmp_path / label).mkdir(exist_ok=True)
+        Image.new("L", (8, 8), level).save(tmp_path / label / name)
+    before = load_dataset("folder", tmp_path, image_size=8)
+    (tmp_path / "a" / "1.png").rename(tmp_path / "b" / "1.png")
+    moved = load_dataset("folder", tmp_path, image_size=8)
+    np.testing.assert_array_equal(moved.images, before.images)
+    assert before.labels is not None and moved.labels is not None
+    assert (before.labels.tolist(), moved.labels.tolist()) == ([0, 0, 1], [0, 1, 1])
+    assert moved.sha256 != before.sha256
+    (tmp_path / "b" / "2.png").rename(tmp_path / "b" / "3.png")
+    assert load_dataset("folder", tmp_path, image_size=8).sha256 not in (before.sha256, moved.sha256)
 
 
 def test_a_folder_with_a_file_name_that_is_not_utf8_loads(tmp_path: Path) -> None:
