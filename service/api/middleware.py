@@ -7,13 +7,16 @@ the route that answered them (`/v2/models/{model_name}/infer`), never by the raw
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from time import perf_counter
 
+from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import request_id
+from service.api.routes.v2 import error_key
 from service.logs import access_log
 from service.metrics import Metrics
 
@@ -31,6 +34,15 @@ def _with_head(name: bytes, value: bytes) -> tuple[bytes, bytes]:
         if b"GET" in methods and b"HEAD" not in methods:
             value = b", ".join([*methods, b"HEAD"])
     return name, value
+
+
+async def _stopping(scope: Scope, receive: Receive, send: Send) -> None:
+    """503 for a request the server stopped before it could answer: it may be sent again (to another
+    replica, or once this one is back)."""
+    detail = "the server stopped before this request was answered; send it again"
+    headers = {"Retry-After": "1", "Connection": "close"}
+    response = JSONResponse({error_key(scope["path"]): detail}, status_code=503, headers=headers)
+    await response(scope, receive, send)
 
 
 class RequestMiddleware:
@@ -74,11 +86,12 @@ class RequestMiddleware:
         id_header = (_HEADER, rid.encode("ascii"))
         # An exception before the response starts becomes a 500 (sent by Starlette's outermost middleware).
         status = 500
+        started = False
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started = message["status"], True
                 headers = list(message.get("headers", ()))
                 if not any(name.lower() == _HEADER for name, _ in headers):
                     headers.append(id_header)
@@ -92,6 +105,15 @@ class RequestMiddleware:
         self.metrics.in_flight.inc()
         try:
             await self.app(app_scope, receive, send_with_id)
+        except asyncio.CancelledError:
+            if started:  # nothing better to send than the end of the connection
+                raise
+            # uvicorn cancels the requests still running when the drain after SIGTERM ends (VAE_DRAIN_TIMEOUT,
+            # or a second Ctrl-C). Left to it, each would be a plain-text 500 and a traceback in the log.
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            await _stopping(scope, receive, send_with_id)
         finally:
             seconds = perf_counter() - start
             self.metrics.in_flight.dec()

@@ -147,6 +147,8 @@ def test_sigterm_while_starting_exits_0(model_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_drain_timeout_bounds_the_wait(model_dir: Path, free_port: int) -> None:
+    """A request still running when the drain ends is answered 503 (it may be sent again), without a
+    traceback in the log."""
     process = ready_server(free_port, model_dir, VAE_DRAIN_TIMEOUT="2")
     try:
         stuck = start_upload(free_port, decode_body())  # never finished
@@ -155,10 +157,18 @@ def test_drain_timeout_bounds_the_wait(model_dir: Path, free_port: int) -> None:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=2 + SIGNAL_S) == 0
         assert time.monotonic() - start >= 2.0
-        stuck.close()
+        with stuck:
+            response = http.client.HTTPResponse(stuck)
+            response.begin()
+            assert (response.status, response.getheader("Retry-After")) == (503, "1")
+            assert json.loads(response.read()) == {
+                "detail": "the server stopped before this request was answered; send it again"
+            }
     finally:
         output = stop(process)
     assert "Cancel 1 running task(s), timeout graceful shutdown exceeded" in output
+    assert "Traceback" not in output and "Exception in ASGI application" not in output
+    assert '"status":503' in output  # the access log says what the client got
 
 
 @pytest.mark.slow
