@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import http.client
+import http.server
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -248,6 +250,40 @@ def test_a_replica_that_is_gone_is_skipped(replicas: list[str], tmp_path: Path) 
     # failed one out for its fail_timeout.
     assert replies[0].upstream == f"{gone}, {replicas[0]}"
     assert {reply.upstream for reply in replies[1:]} == {replicas[0]}
+
+
+class _Busy(http.server.BaseHTTPRequestHandler):
+    """A replica at its VAE_MAX_IN_FLIGHT: 503 with Retry-After to every request."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.send_response(503)
+        self.send_header("Retry-After", "1")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+def test_a_post_that_a_busy_replica_refuses_goes_to_the_next(replicas: list[str], tmp_path: Path) -> None:
+    """The service keeps no state: a POST refused with 503 (busy, or still loading) is sent to another
+    replica rather than handed back to the client."""
+    busy = http.server.HTTPServer(("127.0.0.1", 0), _Busy)
+    threading.Thread(target=busy.serve_forever, daemon=True).start()
+    address = f"127.0.0.1:{busy.server_address[1]}"
+    body = json.dumps({"latents": [[0.0] * 16]}).encode()
+    try:
+        with balancer([address, replicas[0]], tmp_path / "nginx") as port:
+            replies = [
+                request(port, "POST", "/decode", body, content_type="application/json") for _ in range(2)
+            ]
+    finally:
+        busy.shutdown()
+        busy.server_close()
+    assert [reply.status for reply in replies] == [200, 200]
+    # Round-robin: one of the two went to the busy replica first, then on.
+    assert sorted(reply.upstream for reply in replies) == sorted([f"{address}, {replicas[0]}", replicas[0]])
 
 
 def test_errors_of_the_balancer_itself_are_json(tmp_path: Path) -> None:
