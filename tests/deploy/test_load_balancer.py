@@ -255,6 +255,9 @@ def test_a_replica_that_is_gone_is_skipped(replicas: list[str], tmp_path: Path) 
 class _Busy(http.server.BaseHTTPRequestHandler):
     """A replica at its VAE_MAX_IN_FLIGHT: 503 with Retry-After to every request."""
 
+    def do_GET(self) -> None:
+        self.do_POST()
+
     def do_POST(self) -> None:
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.send_response(503)
@@ -266,24 +269,31 @@ class _Busy(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_a_post_that_a_busy_replica_refuses_goes_to_the_next(replicas: list[str], tmp_path: Path) -> None:
-    """The service keeps no state: a POST refused with 503 (busy, or still loading) is sent to another
-    replica rather than handed back to the client."""
+def test_a_busy_replica_passes_gets_on_and_hands_posts_back(replicas: list[str], tmp_path: Path) -> None:
+    """A GET that a replica refuses with 503 (busy, or still loading) goes to the next one; a POST it has
+    received comes back to the client as its 503, with Retry-After, and is not sent to another replica."""
     busy = http.server.HTTPServer(("127.0.0.1", 0), _Busy)
     threading.Thread(target=busy.serve_forever, daemon=True).start()
     address = f"127.0.0.1:{busy.server_address[1]}"
     body = json.dumps({"latents": [[0.0] * 16]}).encode()
     try:
-        with balancer([address, replicas[0]], tmp_path / "nginx") as port:
-            replies = [
+        # One balancer each: a replica that answered 503 is left out for nginx's fail_timeout (10 s).
+        with balancer([address, replicas[0]], tmp_path / "gets") as port:
+            gets = [request(port, "GET", "/sample?n=1&seed=0") for _ in range(2)]
+        with balancer([address, replicas[0]], tmp_path / "posts") as port:
+            posts = [
                 request(port, "POST", "/decode", body, content_type="application/json") for _ in range(2)
             ]
     finally:
         busy.shutdown()
         busy.server_close()
-    assert [reply.status for reply in replies] == [200, 200]
+    assert [reply.status for reply in gets] == [200, 200]
     # Round-robin: one of the two went to the busy replica first, then on.
-    assert sorted(reply.upstream for reply in replies) == sorted([f"{address}, {replicas[0]}", replicas[0]])
+    assert sorted(reply.upstream for reply in gets) == sorted([f"{address}, {replicas[0]}", replicas[0]])
+    # One of the two POSTs reached the busy replica: its 503 is the answer.
+    assert sorted((reply.status, reply.upstream) for reply in posts) == [(200, replicas[0]), (503, address)]
+    (refused,) = (reply for reply in posts if reply.status == 503)
+    assert refused.headers["Retry-After"] == "1"
 
 
 def test_errors_of_the_balancer_itself_are_json(tmp_path: Path) -> None:
