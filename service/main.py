@@ -169,7 +169,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield {"settings": settings, "model": model, "metrics": metrics}
         finally:
-            model.close()  # stops the batching threads
+            model.close(settings.stall_timeout)  # stops the batching threads
 
     app = create_fastapi(
         title="VAE service",

@@ -321,19 +321,23 @@ class Model:
         (x_mean,) = await self.infer("decoder", np.ascontiguousarray(latents, dtype=np.float32))
         return x_mean
 
-    def stalled(self, after: float) -> str | None:
-        """Why requests can no longer be answered (see `Batcher.stalled`), or None. A run without batching
-        runs on the event loop: one that hangs leaves no request answered, this check's included."""
-        for batcher in self._batchers.values():
-            problem = batcher.stalled(after)
-            if problem is not None:
-                return problem
+    def stalled(self, after: float, graph: Graph | None = None) -> str | None:
+        """Why requests of `graph` (default: of either) can no longer be answered (see `Batcher.stalled`), or
+        None. A run on the event loop (requests one at a time, or batching off) is not seen here: one that
+        hangs leaves no request answered, the probes included, and the liveness probe's timeout acts."""
+        for name, batcher in self._batchers.items():
+            if graph in (None, name):
+                problem = batcher.stalled(after)
+                if problem is not None:
+                    return problem
         return None
 
-    def close(self) -> None:
-        """Stop the batching threads (after the runs already queued)."""
+    def close(self, stall_timeout: float | None = None) -> None:
+        """Stop the batching threads, after the runs already queued; a thread whose run has stalled (longer
+        than `stall_timeout`) is not waited for."""
         for batcher in self._batchers.values():
-            batcher.close()
+            hung = stall_timeout is not None and batcher.stalled(stall_timeout) is not None
+            batcher.close(timeout=0.0 if hung else 5.0)
 
     def _encoder_input(self, images: Floats) -> Floats:
         low, high = self.card.input.pixel_range

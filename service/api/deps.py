@@ -21,7 +21,7 @@ from service.api.options import Options, parse_query
 from service.config import Settings
 from service.imaging import Floats
 from service.metrics import Metrics
-from service.runtime import Model
+from service.runtime import Graph, Model
 
 __all__ = ["MetricsDep", "ModelDep", "SettingsDep", "body_images", "not_stalled", "read_images", "served"]
 
@@ -62,14 +62,14 @@ ModelDep = Annotated[Model, Depends(loaded_model)]
 MetricsDep = Annotated[Metrics, Depends(app_metrics)]
 
 
-def not_stalled(request: Request) -> None:
-    """503 naming the problem when the loaded model's runs no longer return (`Model.stalled`); nothing before
-    the model is loaded."""
+def not_stalled(request: Request, graph: Graph | None = None) -> None:
+    """503 naming the problem when the loaded model's runs (of `graph`, default either) no longer return
+    (`Model.stalled`); nothing before the model is loaded."""
     state = request.scope.get("state", {})
     model: Model | None = state.get("model")
     settings: Settings | None = state.get("settings")
     if model is not None and settings is not None:
-        problem = model.stalled(settings.stall_timeout)
+        problem = model.stalled(settings.stall_timeout, graph)
         if problem is not None:
             raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, detail=problem)
 

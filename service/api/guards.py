@@ -22,8 +22,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import hmac
+import re
 from collections.abc import Callable
-from typing import Any, get_args
+from typing import Any
 
 from fastapi import FastAPI, HTTPException, status
 from fastapi.middleware.cors import CORSMiddleware
@@ -37,26 +38,26 @@ from service.api.docs import is_docs_path
 from service.api.routes.playground import is_page_path
 from service.api.routes.v2 import ProtocolError, error_key, is_protocol_path
 from service.config import Settings
-from service.runtime import Graph
 from service.schemas import ErrorResponse
 
-__all__ = ["OPEN_PATHS", "APIKeys", "BodyLimit", "InFlightLimit", "install"]
+__all__ = ["OPEN_PATHS", "APIKeys", "BodyLimit", "InFlightLimit", "install", "is_probe"]
 
 # Probes and the Prometheus scrape: answered without a key and outside the in-flight bound, so that a busy
 # server still reports (the KServe v2 health routes, the server's and each model's, are the same probes for
 # Triton/KServe clients: `is_model_ready` on a saturated server must not read as a model not ready).
-OPEN_PATHS = frozenset(
-    {
-        "/health",
-        "/ready",
-        "/metrics",
-        "/v2/health/live",
-        "/v2/health/ready",
-        *(f"/v2/models/{graph}/ready" for graph in get_args(Graph)),
-    }
-)
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2/health/ready"})
+# Each model's readiness, whatever the name (an unknown one is a 404, with or without a key), versioned or
+# not (the versioned route answers that there are no versions).
+_MODEL_READY = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
 # The same as the OpenAPI schema writes them (route templates).
 _OPEN_TEMPLATES = OPEN_PATHS | {"/v2/models/{model_name}/ready"}
+
+
+def is_probe(path: str) -> bool:
+    """Whether `path` is one of the probes or the scrape (`OPEN_PATHS`, each model's readiness)."""
+    return path in OPEN_PATHS or (path.endswith("/ready") and _MODEL_READY.fullmatch(path) is not None)
+
+
 # Seconds a client refused for load is told to wait before it tries again.
 RETRY_AFTER_S = 1
 # The header of a refusal that leaves the rest of the body unread (408, 413): the connection closes after the
@@ -197,7 +198,7 @@ class InFlightLimit:
         self.in_flight = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or is_probe(scope["path"]):
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
@@ -223,15 +224,14 @@ class APIKeys:
     tells nothing about the key sent, not even its length.
     """
 
-    def __init__(self, app: ASGIApp, keys: list[SecretStr], open_paths: frozenset[str] = OPEN_PATHS) -> None:
+    def __init__(self, app: ASGIApp, keys: list[SecretStr]) -> None:
         self.app = app
         self._digests = [_digest(key.get_secret_value().encode()) for key in keys]
-        self._open = open_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The API docs describe the API, nothing of its data: they load without a key, and their Authorize
         # button takes one for the requests they send.
-        if scope["type"] != "http" or _open_to_all(scope["path"], self._open):
+        if scope["type"] != "http" or _open_to_all(scope["path"]):
             await self.app(scope, receive, send)
             return
         presented = _presented_keys(scope)
@@ -258,8 +258,8 @@ def _digest(key: bytes) -> bytes:
     return hashlib.sha256(key).digest()
 
 
-def _open_to_all(path: str, open_paths: frozenset[str]) -> bool:
-    return path in open_paths or is_page_path(path) or is_docs_path(path)
+def _open_to_all(path: str) -> bool:
+    return is_probe(path) or is_page_path(path) or is_docs_path(path)
 
 
 def _presented_keys(scope: Scope) -> list[bytes]:
@@ -301,7 +301,10 @@ _BODY_REFUSALS = {
     "or the images together more than VAE_MAX_REQUEST_PIXELS (the detail names it).",
     "415": "The body's content type is not one the endpoint reads, or it is compressed (Content-Encoding).",
 }
-_BUSY = {"503": "The model is not loaded yet, or VAE_MAX_IN_FLIGHT requests are in flight (see Retry-After)."}
+_BUSY = {
+    "503": "The model is not loaded yet, VAE_MAX_IN_FLIGHT requests are in flight, or the server stopped "
+    "before answering (it was shutting down): send it again after Retry-After."
+}
 _UNAUTHORISED = {
     "401": "No API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'.",
     "403": "The API key is not valid.",
@@ -343,7 +346,9 @@ def _documented(openapi: Callable[[], dict[str, Any]], *, keys: bool) -> Callabl
                     # body cannot fail validation (an unknown /v2 model name is a 404).
                     del responses["422"]
                 for code, description in refusals.items():
-                    responses.setdefault(code, {"description": description, "content": error})
+                    response = responses.setdefault(code, {"description": description, "content": error})
+                    if code == "503":  # it says what the route's own 503 says (not loaded yet), and more
+                        response["description"] = description
         return schema
 
     return generate

@@ -21,13 +21,21 @@ __all__ = [
     "NPY",
     "NpyResponse",
     "NumpyJSONResponse",
+    "NOT_READY",
     "PNGResponse",
+    "STALLED",
     "error_responses",
     "images_response",
     "rendered_images",
 ]
 
 ImageFormat = Literal["png", "array", "grid", "npy"]
+# The 503s of the probes: liveness fails only on a stalled run, readiness before the model is loaded too.
+STALLED = (
+    "A model run has not returned within VAE_STALL_TIMEOUT seconds (the detail names it): "
+    "the process is stuck."
+)
+NOT_READY = f"The model is not loaded yet. Or: {STALLED}"
 # The media type of format=npy: a NumPy .npy file (numpy.load reads it; its header gives dtype and shape).
 NPY = "application/x-npy"
 
@@ -86,12 +94,15 @@ IMAGE_OUTPUT: dict[int | str, dict[str, Any]] = {
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI entries for a route's errors; 422 for the options and bodies the routes validate themselves."""
+def error_responses(
+    *statuses: int, unavailable: str = "The model is not loaded yet."
+) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for a route's errors; 422 for the options and bodies the routes validate themselves.
+    `unavailable` is why the route answers 503."""
     reasons = {
         400: "An image is empty or unreadable; the detail names which one.",
         415: "The request's content type is not one this endpoint reads.",
-        503: "The model is not loaded yet.",
+        503: unavailable,
     }
     entries: dict[int | str, dict[str, Any]] = {
         status: {"model": ErrorResponse, "description": reasons[status]}

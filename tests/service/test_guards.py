@@ -324,6 +324,9 @@ def test_probes_and_the_scrape_need_no_key(guarded: TestClient) -> None:
     probes = ("/health", "/ready", "/v2/health/live", "/v2/health/ready", "/v2/models/encoder/ready")
     for path in (*probes, "/metrics"):
         assert guarded.get(path).status_code == 200, path
+    # Each model's readiness, by any name or version: the route answers, not the key check.
+    assert guarded.get("/v2/models/other/ready").status_code == 404
+    assert guarded.get("/v2/models/encoder/versions/1/ready").status_code == 404
     assert guarded.get("/ready", headers=bearer("wrong")).status_code == 200
     assert guarded.get("/v2/models/decoder").status_code == 401  # the rest of v2 is guarded
 
@@ -370,6 +373,26 @@ def test_openapi_documents_the_keys(guarded: TestClient, client: TestClient) -> 
     assert "401" not in plain["paths"]["/decode"]["post"]["responses"]
     assert {"413", "503"} <= set(plain["paths"]["/decode"]["post"]["responses"])
     assert "413" not in plain["paths"]["/sample"]["get"]["responses"]
+
+
+def test_openapi_gives_each_route_its_own_reasons_for_503(client: TestClient) -> None:
+    """A model route's 503: not loaded, too busy, or stopped mid-request; liveness's: a stalled run alone."""
+    paths = client.get("/openapi.json").json()["paths"]
+
+    def reason(path: str, method: str = "get") -> str:
+        return str(paths[path][method]["responses"]["503"]["description"])
+
+    decode = reason("/decode", "post")
+    assert decode.startswith("The model is not loaded yet")
+    assert "VAE_MAX_IN_FLIGHT" in decode and "shutting down" in decode
+    for liveness in ("/health", "/v2/health/live"):
+        assert reason(liveness).startswith("A model run has not returned within VAE_STALL_TIMEOUT seconds")
+        assert "not loaded" not in reason(liveness)
+    for readiness in ("/ready", "/v2/health/ready", "/v2/models/{model_name}/ready"):
+        assert "not loaded yet" in reason(readiness) and "VAE_STALL_TIMEOUT" in reason(readiness)
+        assert "VAE_MAX_IN_FLIGHT" not in reason(readiness)  # probes are never refused for load
+    client.get("/openapi.json")  # built once: asking again adds nothing
+    assert reason("/decode", "post") == decode
 
 
 # CORS

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 
 from service.api.deps import ModelDep, not_stalled
-from service.api.responses import error_responses
+from service.api.responses import NOT_READY, STALLED, error_responses
 from service.schemas import HealthResponse, ModelFile, ModelInfo, ReadyResponse
 
 __all__ = ["router"]
@@ -13,7 +13,12 @@ __all__ = ["router"]
 router = APIRouter(tags=["health"])
 
 
-@router.get("/health", summary="Liveness", response_model=HealthResponse, responses=error_responses(503))
+@router.get(
+    "/health",
+    summary="Liveness",
+    response_model=HealthResponse,
+    responses=error_responses(503, unavailable=STALLED),
+)
 async def health(request: Request) -> HealthResponse:
     """The process is alive: 503 only when a model run has not returned within VAE_STALL_TIMEOUT seconds (a
     hung GPU), for the orchestrator to restart it. It answers while the model loads too."""
@@ -21,7 +26,12 @@ async def health(request: Request) -> HealthResponse:
     return HealthResponse()
 
 
-@router.get("/ready", summary="Readiness", response_model=ReadyResponse, responses=error_responses(503))
+@router.get(
+    "/ready",
+    summary="Readiness",
+    response_model=ReadyResponse,
+    responses=error_responses(503, unavailable=NOT_READY),
+)
 async def ready(request: Request, model: ModelDep) -> ReadyResponse:
     """The model is loaded, checked against its card and warmed up, and its runs return; 503 otherwise."""
     not_stalled(request)

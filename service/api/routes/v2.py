@@ -29,7 +29,7 @@ from pydantic.config import JsonDict
 
 from service.api.bodies import more_values_than, quoted, request_body
 from service.api.deps import ModelDep, SettingsDep, not_stalled
-from service.api.responses import NumpyJSONResponse
+from service.api.responses import NOT_READY, STALLED, NumpyJSONResponse
 from service.config import Settings
 from service.model_card import OnnxFile, TensorSpec
 from service.runtime import Floats, Model
@@ -173,13 +173,15 @@ def protocol_error(status_code: int, message: str, headers: Mapping[str, str] | 
     return NumpyJSONResponse({"error": message}, status_code=status_code, headers=headers)
 
 
-def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+def _errors(
+    *statuses: int, unavailable: str = "The model is not loaded yet."
+) -> dict[int | str, dict[str, Any]]:
     reasons = {
         400: "The request is not a valid inference request (JSON, its schema, or the binary data sizes).",
         404: "No model of that name: the models are encoder and decoder.",
         415: "A compressed (Content-Encoding) body.",
         422: "A request this model cannot run: input or output names, datatype, shape, count or values.",
-        503: "The model is not loaded yet.",
+        503: unavailable,
     }
     return {code: {"model": ProtocolError, "description": reasons[code]} for code in statuses}
 
@@ -228,14 +230,24 @@ async def server_metadata(request: Request) -> ServerMetadata:
     return ServerMetadata(name=SERVER_NAME, version=request.app.version, extensions=["binary_tensor_data"])
 
 
-@router.get("/health/live", summary="Server liveness", response_model=ServerLive, responses=_errors(503))
+@router.get(
+    "/health/live",
+    summary="Server liveness",
+    response_model=ServerLive,
+    responses=_errors(503, unavailable=STALLED),
+)
 async def server_live(request: Request) -> ServerLive:
     """The process answers, and its model runs return (like /health)."""
     not_stalled(request)
     return ServerLive(live=True)
 
 
-@router.get("/health/ready", summary="Server readiness", response_model=ServerReady, responses=_errors(503))
+@router.get(
+    "/health/ready",
+    summary="Server readiness",
+    response_model=ServerReady,
+    responses=_errors(503, unavailable=NOT_READY),
+)
 async def server_ready(request: Request, model: ModelDep) -> ServerReady:
     """Both models are loaded and warmed up, and their runs return (like /ready); 503 otherwise."""
     not_stalled(request)
@@ -263,12 +275,12 @@ async def model_metadata(model_name: str, model: ModelDep) -> ModelMetadata:
     "/models/{model_name}/ready",
     summary="Model readiness",
     response_model=ModelReady,
-    responses=_errors(404, 503),
+    responses=_errors(404, 503, unavailable=NOT_READY),
 )
 async def model_ready(request: Request, model_name: str, model: ModelDep) -> ModelReady:
-    """The model is loaded and warmed up, and runs return (like /ready)."""
+    """The model is loaded and warmed up, and its runs return (like /ready, for this model alone)."""
     _graph(model, model_name)
-    not_stalled(request)
+    not_stalled(request, "encoder" if model_name == "encoder" else "decoder")
     return ModelReady(name=model_name, ready=True)
 
 
