@@ -127,9 +127,8 @@ class Batcher:
         self._closed = False
         self._in_flight = 0  # requests queued or running on the thread
         self._alone = 0  # consecutive requests that found no other one in flight
-        self._run_started: float | None = (
-            None  # when the thread's current run began (monotonic), if one is on
-        )
+        # When the thread's current run began (monotonic), while one is on.
+        self._run_started: float | None = None
 
     async def __call__(self, tensor: Floats) -> list[Floats]:
         """The outputs of `run(tensor)`, computed within a coalesced run (or inline, see the class)."""

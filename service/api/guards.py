@@ -51,13 +51,6 @@ OPEN_PATHS = frozenset({"/health", "/ready", "/metrics", "/v2/health/live", "/v2
 _MODEL_READY = re.compile(r"/v2/models/[^/]+(?:/versions/[^/]+)?/ready")
 # The same as the OpenAPI schema writes them (route templates).
 _OPEN_TEMPLATES = OPEN_PATHS | {"/v2/models/{model_name}/ready"}
-
-
-def is_probe(path: str) -> bool:
-    """Whether `path` is one of the probes or the scrape (`OPEN_PATHS`, each model's readiness)."""
-    return path in OPEN_PATHS or (path.endswith("/ready") and _MODEL_READY.fullmatch(path) is not None)
-
-
 # Seconds a client refused for load is told to wait before it tries again.
 RETRY_AFTER_S = 1
 # The header of a refusal that leaves the rest of the body unread (408, 413): the connection closes after the
@@ -66,6 +59,11 @@ CLOSE = {"Connection": "close"}
 # Methods whose requests carry nothing in a body here: one that comes with a body is refused, not ignored
 # (`GET /sample` with `{"n": 4}` would otherwise answer 16 samples).
 _NO_BODY = frozenset({"GET", "HEAD"})
+
+
+def is_probe(path: str) -> bool:
+    """Whether `path` is one of the probes or the scrape (`OPEN_PATHS`, each model's readiness)."""
+    return path in OPEN_PATHS or (path.endswith("/ready") and _MODEL_READY.fullmatch(path) is not None)
 
 
 async def _refuse(

@@ -18,10 +18,10 @@ from service.schemas import ErrorResponse, ValidationErrorResponse
 __all__ = [
     "IMAGE_OUTPUT",
     "ImageFormat",
+    "NOT_READY",
     "NPY",
     "NpyResponse",
     "NumpyJSONResponse",
-    "NOT_READY",
     "PNGResponse",
     "STALLED",
     "error_responses",
