@@ -36,7 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
     from pydantic import ValidationError
 
+    from service.api.middleware import STOPPING
     from service.config import get_settings, misspelt_settings
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, which tells the app when it begins to stop (see `STOPPING`)."""
+
+        def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+            STOPPING.set()
+            super().handle_exit(sig, frame)
 
     parser = argparse.ArgumentParser(prog="python -m service", description="Serve the VAE service.")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
@@ -62,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         port=args.port,
         timeout_graceful_shutdown=settings.drain_timeout,
     )
-    server = uvicorn.Server(config)
+    server = Server(config)
     try:
         server.run()
     except KeyboardInterrupt:  # Ctrl-C, re-raised by uvicorn after the same graceful stop

@@ -8,6 +8,7 @@ the route that answered them (`/v2/models/{model_name}/infer`), never by the raw
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Sequence
 from time import perf_counter
 
@@ -20,11 +21,15 @@ from service.api.routes.v2 import error_key
 from service.logs import access_log
 from service.metrics import Metrics
 
-__all__ = ["RequestMiddleware"]
+__all__ = ["STOPPING", "RequestMiddleware"]
 
 _HEADER = request_id.HEADER.lower().encode("ascii")
 # The route label of requests that no route matched (404s): their paths are whatever clients send.
 UNMATCHED = "unmatched"
+# Set by `python -m service` when the server begins to stop (SIGTERM, Ctrl-C). From then on, a request
+# cancelled before it was answered was cut off by the end of the drain; any other cancellation (a timeout
+# around the app, a server that cancels on disconnect) goes on as a cancellation.
+STOPPING = threading.Event()
 
 
 def _with_head(name: bytes, value: bytes) -> tuple[bytes, bytes]:
@@ -106,7 +111,7 @@ class RequestMiddleware:
         try:
             await self.app(app_scope, receive, send_with_id)
         except asyncio.CancelledError:
-            if started:  # nothing better to send than the end of the connection
+            if started or not STOPPING.is_set():  # once started, nothing better to send than the end
                 raise
             # uvicorn cancels the requests still running when the drain after SIGTERM ends (VAE_DRAIN_TIMEOUT,
             # or a second Ctrl-C). Left to it, each would be a plain-text 500 and a traceback in the log.

@@ -24,10 +24,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from service.api import middleware
 from service.config import Settings
 from service.main import create_app
 from service.model_card import ModelCard, sha256_file
 from service.runtime import Model
+from tests.service.helpers import with_state
 from tests.service.test_main import service_env, stop, uvicorn, wait_ready
 from tests.service.test_runtime import edit_card
 
@@ -118,6 +120,65 @@ def test_sigterm_finishes_every_request_in_flight(model_dir: Path, free_port: in
     finally:
         output = stop(process)
     assert "Application shutdown complete." in output
+
+
+def _stalled_upload(app: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """A coroutine that runs POST /decode on `app` with a body that never arrives, and what it sends."""
+    sent: list[dict[str, Any]] = []
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/decode",
+        "raw_path": b"/decode",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
+
+    async def never() -> dict[str, Any]:
+        await asyncio.sleep(3600)
+        raise AssertionError("unreachable")
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    return app(scope, never, send), sent
+
+
+@pytest.mark.parametrize("stopping", [False, True], ids=["running", "stopping"])
+def test_a_cancelled_request_is_a_503_only_when_the_server_is_stopping(
+    settings: Settings, stopping: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The end of the drain cancels the requests still running: each gets 503 with Retry-After. Any other
+    cancellation (a timeout around the app) stays a cancellation, and nothing is sent."""
+    if stopping:
+        monkeypatch.setattr(middleware.STOPPING, "is_set", lambda: True)
+    app = create_app(settings)
+
+    async def cancelled() -> tuple[bool, list[dict[str, Any]]]:
+        async with app.router.lifespan_context(app) as state:
+            call, sent = _stalled_upload(with_state(app, state))
+            try:
+                async with asyncio.timeout(0.2):
+                    await call
+            except TimeoutError:
+                return True, sent
+            return False, sent
+
+    timed_out, sent = asyncio.run(cancelled())
+    assert timed_out is not stopping
+    if stopping:
+        assert sent[0]["status"] == 503 and (b"retry-after", b"1") in sent[0]["headers"]
+        assert json.loads(sent[1]["body"]) == {
+            "detail": "the server stopped before this request was answered; send it again"
+        }
+    else:
+        assert sent == []
 
 
 # SIGTERM arriving while `python -m service` imports uvicorn, the first of its slow imports.
