@@ -84,6 +84,25 @@ def truncated_png() -> bytes:
     return noise[: len(noise) // 2]
 
 
+def decode_scope() -> dict[str, Any]:
+    """The ASGI scope of `POST /decode` with a JSON body of 100 bytes, as a server passes it to the app (for
+    tests that feed the body, or its absence, by hand)."""
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/decode",
+        "raw_path": b"/decode",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 1),
+        "server": ("test", 80),
+    }
+
+
 def with_state(app: FastAPI, state: Any) -> Any:
     """The app as a server runs it: each request's scope carries a copy of the lifespan state."""
 

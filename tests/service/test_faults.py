@@ -29,7 +29,7 @@ from service.config import Settings
 from service.main import create_app
 from service.model_card import ModelCard, sha256_file
 from service.runtime import Model
-from tests.service.helpers import with_state
+from tests.service.helpers import decode_scope, with_state
 from tests.service.test_main import service_env, stop, uvicorn, wait_ready
 from tests.service.test_runtime import edit_card
 
@@ -125,20 +125,6 @@ def test_sigterm_finishes_every_request_in_flight(model_dir: Path, free_port: in
 def _stalled_upload(app: Any) -> tuple[Any, list[dict[str, Any]]]:
     """A coroutine that runs POST /decode on `app` with a body that never arrives, and what it sends."""
     sent: list[dict[str, Any]] = []
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/decode",
-        "raw_path": b"/decode",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 80),
-    }
 
     async def never() -> dict[str, Any]:
         await asyncio.sleep(3600)
@@ -147,7 +133,7 @@ def _stalled_upload(app: Any) -> tuple[Any, list[dict[str, Any]]]:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    return app(scope, never, send), sent
+    return app(decode_scope(), never, send), sent
 
 
 @pytest.mark.parametrize("stopping", [False, True], ids=["running", "stopping"])

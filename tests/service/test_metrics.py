@@ -17,7 +17,7 @@ from service.config import Settings
 from service.main import create_app
 from service.model_card import ModelCard
 from tests.service.conftest import PROVIDERS
-from tests.service.helpers import digit_png, files, with_state
+from tests.service.helpers import decode_scope, digit_png, files, with_state
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -161,22 +161,8 @@ def test_a_client_that_leaves_mid_body_is_counted_499_not_as_a_failure(
         async def send(message: dict[str, Any]) -> None:
             sent.append(message)
 
-        scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "POST",
-            "scheme": "http",
-            "path": "/decode",
-            "raw_path": b"/decode",
-            "query_string": b"",
-            "root_path": "",
-            "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
-            "client": ("127.0.0.1", 1),
-            "server": ("test", 80),
-        }
         async with app.router.lifespan_context(app) as state:
-            await with_state(app, state)(scope, receive, send)
+            await with_state(app, state)(decode_scope(), receive, send)
             async with httpx2.AsyncClient(
                 transport=httpx2.ASGITransport(app=with_state(app, state)), base_url="http://test"
             ) as client:
