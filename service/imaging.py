@@ -272,13 +272,12 @@ def _check_png_rows(data: bytes, width: int, height: int) -> None:
         if columns > 0 and rows > 0:
             expected += rows * (1 + -(-columns * bits // 8))  # each row: a filter byte, then its pixels
     inflate = zlib.decompressobj()
-    inflated, position = 0, len(_PNG_SIGNATURE)
-    while position + 8 <= len(data) and inflated < expected:
-        length, kind = struct.unpack_from(">I4s", data, position)
-        if kind == b"IEND":
+    inflated = 0
+    for kind, start, end in _png_chunks(data):
+        if kind == b"IEND" or inflated >= expected:
             break
         if kind == b"IDAT":
-            pending = data[position + 8 : position + 8 + length]
+            pending = data[start:end]
             while pending and inflated < expected:
                 try:
                     # Never past `expected`: what follows (the Adler-32) is Pillow's to read or not.
@@ -286,7 +285,6 @@ def _check_png_rows(data: bytes, width: int, height: int) -> None:
                 except zlib.error as error:
                     raise ImageError("cannot be decoded (its image data is corrupt)") from error
                 pending = inflate.unconsumed_tail
-        position += 12 + length
     if inflated < expected:
         raise ImageError(
             f"cannot be decoded (its image data holds {inflated} of the {expected} bytes its "
@@ -303,18 +301,24 @@ def _intact_plain_chunks(data: bytes) -> bool:
     for libspng (SMALL_PIXELS), and refused by Pillow when it is larger.
     """
     view = memoryview(data)
-    position = len(_PNG_SIGNATURE)
-    while position + 12 <= len(data):
-        length, kind = struct.unpack_from(">I4s", data, position)
-        end = position + 8 + length  # where the chunk's CRC starts: length, type, data
-        if kind in _PILLOW_CHUNKS or end + 4 > len(data):
+    for kind, start, end in _png_chunks(data):
+        if kind in _PILLOW_CHUNKS or end + 4 > len(data):  # end: where the chunk's CRC starts
             return False
-        if zlib.crc32(view[position + 4 : end]) != struct.unpack_from(">I", data, end)[0]:
+        if zlib.crc32(view[start - 4 : end]) != struct.unpack_from(">I", data, end)[0]:  # type and data
             return False
         if kind == b"IEND":
             return True
-        position = end + 4
     return False  # truncated before IEND
+
+
+def _png_chunks(data: bytes) -> Iterator[tuple[bytes, int, int]]:
+    """(type, start, end of its data) of each PNG chunk whose length and type are whole, in the file's order;
+    `end` lies past the file's end in a chunk cut short. The CRC follows `end`."""
+    position = len(_PNG_SIGNATURE)
+    while position + 8 <= len(data):
+        length, kind = struct.unpack_from(">I4s", data, position)
+        yield kind, position + 8, position + 8 + length
+        position += 12 + length
 
 
 def _as_floats(image: Image.Image, channels: int, light_background: bool) -> Floats:
