@@ -40,7 +40,17 @@ from service.api.routes.v2 import ProtocolError, error_key, is_protocol_path
 from service.config import Settings
 from service.schemas import ErrorResponse
 
-__all__ = ["OPEN_PATHS", "APIKeys", "BodyLimit", "InFlightLimit", "install", "is_probe"]
+__all__ = [
+    "CLOSE",
+    "OPEN_PATHS",
+    "RETRY_AFTER_S",
+    "APIKeys",
+    "BodyLimit",
+    "InFlightLimit",
+    "install",
+    "is_probe",
+    "refuse",
+]
 
 # Probes and the Prometheus scrape: answered without a key and outside the in-flight bound, so that a busy
 # server still reports (the KServe v2 health routes, the server's and each model's, are the same probes for
@@ -66,7 +76,7 @@ def is_probe(path: str) -> bool:
     return path in OPEN_PATHS or (path.endswith("/ready") and _MODEL_READY.fullmatch(path) is not None)
 
 
-async def _refuse(
+async def refuse(
     scope: Scope,
     receive: Receive,
     send: Send,
@@ -109,11 +119,11 @@ class BodyLimit:
                 f"{scope['method']} {quoted(scope['path'])} takes no request body; "
                 "options go in the query string (?name=value)"
             )
-            await _refuse(scope, receive, send, status.HTTP_400_BAD_REQUEST, detail, CLOSE)
+            await refuse(scope, receive, send, status.HTTP_400_BAD_REQUEST, detail, CLOSE)
             return
         if declared is not None and declared > self.max_bytes:
             detail = self._detail(f"{declared} bytes")
-            await _refuse(scope, receive, send, status.HTTP_413_CONTENT_TOO_LARGE, detail, CLOSE)
+            await refuse(scope, receive, send, status.HTTP_413_CONTENT_TOO_LARGE, detail, CLOSE)
             return
         received = 0
         deadline: float | None = None  # set by the first read of the body
@@ -205,7 +215,7 @@ class InFlightLimit:
                 f"retry in {RETRY_AFTER_S} s"
             )
             headers = {"Retry-After": str(RETRY_AFTER_S)}
-            await _refuse(scope, receive, send, status.HTTP_503_SERVICE_UNAVAILABLE, detail, headers)
+            await refuse(scope, receive, send, status.HTTP_503_SERVICE_UNAVAILABLE, detail, headers)
             return
         self.in_flight += 1
         try:
@@ -236,7 +246,7 @@ class APIKeys:
         if not presented:
             detail = "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
             headers = {"WWW-Authenticate": "Bearer"}
-            await _refuse(scope, receive, send, status.HTTP_401_UNAUTHORIZED, detail, headers)
+            await refuse(scope, receive, send, status.HTTP_401_UNAUTHORIZED, detail, headers)
             return
         # Every key sent must be valid: with two headers that disagree, neither is taken over the other.
         accepted = True
@@ -247,7 +257,7 @@ class APIKeys:
             accepted &= known_key
         if not accepted:
             detail = "the API key is not valid" if len(presented) == 1 else "an API key sent is not valid"
-            await _refuse(scope, receive, send, status.HTTP_403_FORBIDDEN, detail)
+            await refuse(scope, receive, send, status.HTTP_403_FORBIDDEN, detail)
             return
         await self.app(scope, receive, send)
 

@@ -12,12 +12,11 @@ import threading
 from collections.abc import Sequence
 from time import perf_counter
 
-from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import request_id
-from service.api.routes.v2 import error_key
+from service.api.guards import CLOSE, RETRY_AFTER_S, refuse
 from service.logs import access_log
 from service.metrics import Metrics
 
@@ -39,15 +38,6 @@ def _with_head(name: bytes, value: bytes) -> tuple[bytes, bytes]:
         if b"GET" in methods and b"HEAD" not in methods:
             value = b", ".join([*methods, b"HEAD"])
     return name, value
-
-
-async def _stopping(scope: Scope, receive: Receive, send: Send) -> None:
-    """503 for a request the server stopped before it could answer: it may be sent again (to another
-    replica, or once this one is back)."""
-    detail = "the server stopped before this request was answered; send it again"
-    headers = {"Retry-After": "1", "Connection": "close"}
-    response = JSONResponse({error_key(scope["path"]): detail}, status_code=503, headers=headers)
-    await response(scope, receive, send)
 
 
 class RequestMiddleware:
@@ -118,7 +108,10 @@ class RequestMiddleware:
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            await _stopping(scope, receive, send_with_id)
+            # It was not served: it may be sent again, to another replica or once this one is back.
+            detail = "the server stopped before this request was answered; send it again"
+            headers = {"Retry-After": str(RETRY_AFTER_S), **CLOSE}
+            await refuse(scope, receive, send_with_id, 503, detail, headers)
         finally:
             seconds = perf_counter() - start
             self.metrics.in_flight.dec()
