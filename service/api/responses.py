@@ -18,6 +18,7 @@ from service.schemas import ErrorResponse, ValidationErrorResponse
 __all__ = [
     "IMAGE_OUTPUT",
     "ImageFormat",
+    "NOT_LOADED",
     "NOT_READY",
     "NPY",
     "NpyResponse",
@@ -35,7 +36,8 @@ STALLED = (
     "A model run has not returned within VAE_STALL_TIMEOUT seconds (the detail names it): "
     "the process is stuck."
 )
-NOT_READY = f"The model is not loaded yet. Or: {STALLED}"
+NOT_LOADED = "The model is not loaded yet."
+NOT_READY = f"{NOT_LOADED} Or: {STALLED}"
 # The media type of format=npy: a NumPy .npy file (numpy.load reads it; its header gives dtype and shape).
 NPY = "application/x-npy"
 
@@ -94,9 +96,7 @@ IMAGE_OUTPUT: dict[int | str, dict[str, Any]] = {
 }
 
 
-def error_responses(
-    *statuses: int, unavailable: str = "The model is not loaded yet."
-) -> dict[int | str, dict[str, Any]]:
+def error_responses(*statuses: int, unavailable: str = NOT_LOADED) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for a route's errors; 422 for the options and bodies the routes validate themselves.
     `unavailable` is why the route answers 503."""
     reasons = {

@@ -29,7 +29,7 @@ from pydantic.config import JsonDict
 
 from service.api.bodies import more_values_than, quoted, request_body
 from service.api.deps import ModelDep, SettingsDep, not_stalled
-from service.api.responses import NOT_READY, STALLED, NumpyJSONResponse
+from service.api.responses import NOT_LOADED, NOT_READY, STALLED, NumpyJSONResponse
 from service.config import Settings
 from service.model_card import OnnxFile, TensorSpec
 from service.runtime import Floats, Model
@@ -173,9 +173,7 @@ def protocol_error(status_code: int, message: str, headers: Mapping[str, str] | 
     return NumpyJSONResponse({"error": message}, status_code=status_code, headers=headers)
 
 
-def _errors(
-    *statuses: int, unavailable: str = "The model is not loaded yet."
-) -> dict[int | str, dict[str, Any]]:
+def _errors(*statuses: int, unavailable: str = NOT_LOADED) -> dict[int | str, dict[str, Any]]:
     reasons = {
         400: "The request is not a valid inference request (JSON, its schema, or the binary data sizes).",
         404: "No model of that name: the models are encoder and decoder.",
