@@ -8,11 +8,12 @@ type) because one path takes both; `request_body` documents what they read in th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import json
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import copy_context
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
@@ -35,6 +36,8 @@ __all__ = [
     "MULTIPART",
     "Upload",
     "decode_images",
+    "json_keys",
+    "repeated_key",
     "latent_matrix",
     "more_values_than",
     "parse_json",
@@ -283,8 +286,61 @@ def quoted(value: object) -> str:
     return text if len(text) <= _NAME_CHARS + 2 else text[:_NAME_CHARS] + "..."
 
 
+@cache
+def json_keys(model: type[BaseModel]) -> tuple[bytes, ...]:
+    """Every property name in `model`'s JSON schema, nested models' included, as quoted JSON strings."""
+    names: set[str] = set()
+    pending: list[Any] = [model.model_json_schema()]
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            if isinstance(node.get("properties"), dict):
+                names.update(node["properties"])
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    return tuple(json.dumps(name).encode() for name in sorted(names))
+
+
+def repeated_key(body: bytes, keys: Iterable[bytes]) -> str | None:
+    """What is wrong when one JSON object in `body` holds a key twice, or None (also for a body that is not
+    JSON: validation says what is wrong with that).
+
+    Parsers keep the last value of a repeated key and drop the others without a word. `keys` (quoted, as
+    `json_keys` gives them) are the names the request's objects have: the body is parsed again, with each
+    object's pairs in hand, only when one of them occurs twice in it or it holds an escape (a name could be
+    spelt with one). On other bodies that costs a scan per name, about a nanosecond a byte: 3 us for
+    /decode's 16 latents, 1 % of the request.
+    """
+    if b"\\" not in body and all(body.count(key) < 2 for key in keys):
+        return None
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for name, _ in items:
+            if name in seen and not repeated:
+                repeated.append(name)
+            seen.add(name)
+        return dict(items)
+
+    try:
+        json.loads(body, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None
+    if not repeated:
+        return None
+    return f"the key {quoted(repeated[0])} appears twice in one JSON object; send each key once"
+
+
 def parse_json(model: type[M], body: bytes) -> M:
-    """Validate JSON bytes as `model`; errors become a 422 located in the body (inputs are not echoed)."""
+    """Validate JSON bytes as `model`; errors become a 422 located in the body (inputs are not echoed).
+
+    A key given twice in one object is a 422 too, rather than the last of them being served.
+    """
+    problem = repeated_key(body, json_keys(model))
+    if problem is not None:
+        raise validation_error(("body",), problem, "repeated_key")
     try:
         return model.model_validate_json(body)
     except ValidationError as error:

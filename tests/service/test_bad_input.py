@@ -518,6 +518,41 @@ CASES = [
         ("body", "extra"),
         {"json": {"latents": [[0.0] * D], "extra": MARKER}},
     ),
+    # A key given twice: parsers keep the last value and drop the first without a word.
+    Case(
+        "repeated-key",
+        "POST",
+        "/decode",
+        422,
+        "the key 'latents' appears twice in one JSON object; send each key once",
+        ("body",),
+        {"content": f'{{"latents": [{ZEROS}], "latents": [{ZEROS}, {ZEROS}]}}', "headers": JSON},
+    ),
+    Case(
+        "repeated-key-nested",
+        "POST",
+        "/kl",
+        422,
+        "the key 'mu' appears twice in one JSON object",
+        ("body",),
+        {
+            "content": f'{{"mu": {ZEROS}, "logvar": {ZEROS}, "target": {{"mu": {ZEROS}, "mu": {ZEROS}, '
+            f'"logvar": {ZEROS}}}}}',
+            "headers": JSON,
+        },
+    ),
+    Case(
+        "repeated-key-escaped",
+        "POST",
+        "/encode",
+        422,
+        "the key 'images' appears twice in one JSON object",
+        ("body",),
+        {
+            "content": b'{"images": ["' + b64(digit_png()).encode() + b'"], "\\u0069mages": []}',
+            "headers": JSON,
+        },
+    ),
     Case(
         "nested-garbage",
         "POST",

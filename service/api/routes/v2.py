@@ -27,7 +27,7 @@ from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.config import JsonDict
 
-from service.api.bodies import more_values_than, quoted, request_body
+from service.api.bodies import json_keys, more_values_than, quoted, repeated_key, request_body
 from service.api.deps import ModelDep, SettingsDep, not_stalled
 from service.api.responses import NOT_LOADED, NOT_READY, STALLED, NumpyJSONResponse
 from service.config import Settings
@@ -135,6 +135,13 @@ class InferenceRequest(_Strict):
     parameters: dict[str, Any] = Field(default_factory=dict)
     inputs: list[RequestInput] = Field(min_length=1)
     outputs: list[RequestOutput] | None = None
+
+
+# The names a request can give twice, silently, in one object: the schema's, and the parameters read here.
+_KEYS = (
+    *json_keys(InferenceRequest),
+    *(json.dumps(name).encode() for name in ("binary_data_size", "binary_data", "binary_data_output")),
+)
 
 
 class ResponseOutput(BaseModel):
@@ -414,6 +421,9 @@ def _refuse_too_many_values(header: bytes, model: Model, settings: Settings) -> 
 
 
 def _parse(header: bytes) -> InferenceRequest:
+    problem = repeated_key(header, _KEYS)
+    if problem is not None:
+        raise _invalid(problem)
     try:
         return InferenceRequest.model_validate_json(header)
     except ValidationError as error:

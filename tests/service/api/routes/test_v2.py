@@ -309,6 +309,30 @@ def test_bad_requests_are_named(client: TestClient, body: dict[str, Any], status
     assert message in error(client.post("/v2/models/decoder/infer", json=body), status)
 
 
+def test_a_key_given_twice_is_refused_not_half_read(client: TestClient) -> None:
+    """A parser keeps the last of a repeated key: the first data, or a parameter, would go unread."""
+    z = orjson.dumps(Z)
+    cases = {
+        b'{"inputs": [' + z[:-1] + b', "data": ' + orjson.dumps([1.0] * 16) + b"}]}": "data",
+        b'{"inputs": ['
+        + z
+        + b'], "parameters": {"binary_data_output": true, "binary_data_output": false}}': (
+            "binary_data_output"
+        ),
+    }
+    for body, key in cases.items():
+        response = client.post(
+            "/v2/models/decoder/infer", content=body, headers={"content-type": "application/json"}
+        )
+        assert error(response, 400) == f"the key {key!r} appears twice in one JSON object; send each key once"
+    # The same names in different objects are no repeat: each output names itself, with its parameters.
+    outputs = [{"name": name, "parameters": {"binary_data": False}} for name in ("mu", "logvar")]
+    request = {"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
+    response = client.post("/v2/models/encoder/infer", json={**request, "outputs": outputs})
+    assert response.status_code == 200, response.text
+    assert [output["name"] for output in response.json()["outputs"]] == ["mu", "logvar"]
+
+
 def nested_z(depth: int) -> bytes:
     """A decoder request whose 16 latents are nested `depth` lists deep (as text: orjson stops at 255)."""
     data = b"[" * (depth - 1) + orjson.dumps([0.0] * 16) + b"]" * (depth - 1)
