@@ -37,9 +37,11 @@ ARG ORT_VERSION
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY service/ service/
-# Without training/ in /src the service's wheel holds no trainer code.
+# Without training/ in /src the service's wheel holds no trainer code; its `vae-train` script, which would
+# fail to import it, goes too (the trainer stage has both).
 RUN python -m venv "$VIRTUAL_ENV" \
-    && pip install . "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}"
+    && pip install . "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}" \
+    && rm "$VIRTUAL_ENV/bin/vae-train"
 
 # ---- runtime: the API (default target) ----
 FROM base AS runtime

@@ -54,7 +54,7 @@ soak: $(VENV)/.dev-installed
 
 # The default recipe against the pytorch/examples VAE recipe, same data and epochs.
 train-quality: $(VENV)/.dev-installed
-	$(BIN)/python bench/train_quality.py
+	$(BIN)/python bench/train_quality.py --json bench/results/train-quality-$$(date -u +%Y-%m-%d).json
 
 # Requests per second and latency of the served model against its own /health and a naive peer, batching
 # on and off; writes bench/results/<date>.json and .md. Needs wrk (apt-get install wrk).

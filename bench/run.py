@@ -90,7 +90,7 @@ class Result:
 
 @dataclass
 class Target:
-    """One target of the issue, read from this run."""
+    """One performance target (README, Performance), read from this run."""
 
     name: str
     figure: str

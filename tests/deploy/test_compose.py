@@ -1,6 +1,6 @@
-"""docker-compose.yml and its CPU override: the compose specification's schema, then what the issue asks
-of the services, checked against the Dockerfile, the load balancer's nginx configuration and the service's
-settings."""
+"""docker-compose.yml and its CPU override: the compose specification's schema, then what a deployment
+needs of the services, checked against the Dockerfile, the load balancer's nginx configuration and the
+service's settings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Dockerfile: hadolint, and what the issue asks of its stages, checked against the Makefile."""
+"""The Dockerfile: hadolint, and what a deployment needs of its stages, checked against the Makefile."""
 
 from __future__ import annotations
 

@@ -78,10 +78,14 @@ def image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Image]:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def test_the_service_image_has_no_torch(image: Image) -> None:
+def test_the_service_image_has_no_torch_and_no_trainer(image: Image) -> None:
     find = "import importlib.util, sys; sys.exit(importlib.util.find_spec(sys.argv[1]) is None)"
     assert subprocess.run([image.python, "-c", find, "onnxruntime"], env=image.env).returncode == 0
-    assert subprocess.run([image.python, "-c", find, "torch"], env=image.env).returncode == 1
+    for module in ("torch", "training"):
+        found = subprocess.run([image.python, "-c", find, module], cwd=image.state.workdir, env=image.env)
+        assert found.returncode == 1, module
+    # The project's console script would only fail to import the trainer.
+    assert not (image.python.parent / "vae-train").exists()
 
 
 def test_cuda_provider_finds_its_libraries_on_the_image_path(image: Image) -> None:
