@@ -498,14 +498,32 @@ def test_small_pngs_are_stored_and_large_ones_deflated() -> None:
     ids=["28-to-8", "odd-shrink", "large-shrink", "enlarge", "mixed", "long-shrink", "long-mixed"],
 )
 def test_resizing_matches_pillows_float_resampling(size: tuple[int, int], new_size: tuple[int, int]) -> None:
+    """Each side on its own: area-averaged where it shrinks, bilinear where it grows (`mixed` has both)."""
     pixels = np.random.default_rng(1).random((*size, 1), dtype=np.float32)
-    shrinking = size[0] >= new_size[0] and size[1] >= new_size[1]
-    method = Image.Resampling.BOX if shrinking else Image.Resampling.BILINEAR
-    expected = np.asarray(Image.fromarray(pixels[:, :, 0]).resize(new_size[::-1], method))
+    box, bilinear = Image.Resampling.BOX, Image.Resampling.BILINEAR
+    # One side per Pillow call: its filter is the one of the side that changes.
+    wide = Image.fromarray(pixels[:, :, 0]).resize(
+        (new_size[1], size[0]), box if size[1] >= new_size[1] else bilinear
+    )
+    expected = np.asarray(wide.resize(new_size[::-1], box if size[0] >= new_size[0] else bilinear))
     data = encoded(Image.fromarray(pixels[:, :, 0] * 255.0), "TIFF")  # float images are read as 0..255
     x = load_image(data, InputSpec(channels=1, height=new_size[0], width=new_size[1], foreground="light"))
     # Pillow accumulates in double and rounds each pass to float32; one float32 step of values in [0, 1].
     np.testing.assert_allclose(x[0], np.clip(expected, 0.0, 1.0), rtol=0, atol=1e-6)
+
+
+def test_a_long_thin_image_is_shrunk_along_its_long_side_first() -> None:
+    """1 x 2 million to 8 x 8: growing the short side first made a copy of 8 x 2 million (64 MB)."""
+    pixels = np.random.default_rng(2).random((1, 1, 1, 2_000_000), dtype=np.float32)
+    tracemalloc.start()
+    try:
+        resized = imaging._resize(pixels, 8, 8)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * pixels.nbytes  # one output pixel's taps and weights in double at a time (10 MB)
+    # Area averages of 250 000 pixels each, the same in every row (one input row, repeated).
+    np.testing.assert_allclose(resized[0, 0], np.tile(pixels.reshape(8, -1).mean(axis=1), (8, 1)), atol=1e-5)
 
 
 def test_a_jpeg_of_too_many_scans_is_refused_before_decoding() -> None:
