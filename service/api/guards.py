@@ -9,8 +9,8 @@ Protocol's `error`):
 - 503 with `Retry-After` at once when VAE_MAX_IN_FLIGHT requests are being handled already;
 - 413 for a body past VAE_MAX_BODY_BYTES: from its Content-Length before the app runs, or counted while it
   streams in, so that a body without a length, or with a false one, is cut off there and never read whole;
-- 400 for a GET or HEAD that comes with a body (a Content-Length above 0, or bytes in chunks): nothing here
-  reads one;
+- 400 for a GET or HEAD that comes with a body (a Content-Length above 0, or bytes in chunks) to a path that
+  answers GET: nothing here reads one (elsewhere the app answers 404 or 405, as to any GET);
 - 415 for a compressed body (a Content-Encoding other than identity), and 408 for a body that takes longer
   than VAE_BODY_TIMEOUT to arrive: both when the route reads it, in that route's error shape.
 
@@ -30,6 +30,7 @@ from fastapi import FastAPI, HTTPException, status
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
+from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import request_id
@@ -101,10 +102,11 @@ class BodyLimit:
     mislabelled compressed taken silently).
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float, router: Router) -> None:
         self.app = app
         self.max_bytes = max_bytes
         self.timeout = timeout
+        self.router = router
 
     def _detail(self, size: str) -> str:
         return f"the request body is {size}; this server takes at most {self.max_bytes} (VAE_MAX_BODY_BYTES)"
@@ -114,7 +116,12 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
-        if scope["method"] in _NO_BODY and (declared or await self._chunked_body(scope, receive)):
+        if (
+            scope["method"] in _NO_BODY
+            and (declared or _has_header(scope, b"transfer-encoding"))
+            and self._answers_get(scope)
+            and (declared or await self._chunked_body(scope, receive))
+        ):
             detail = (
                 f"{scope['method']} {quoted(scope['path'])} takes no request body; "
                 "options go in the query string (?name=value)"
@@ -160,12 +167,15 @@ class BodyLimit:
 
         await self.app(scope, counted, send)
 
+    def _answers_get(self, scope: Scope) -> bool:
+        """Whether a route answers this GET or HEAD: a body sent to a POST route or an unknown path is the
+        app's 405 or 404 to give, which says what is wrong with the request."""
+        return any(route.matches(scope)[0] is Match.FULL for route in self.router.routes)
+
     async def _chunked_body(self, scope: Scope, receive: Receive) -> bool:
         """Whether a GET sent chunked has a body. Some clients send an empty one so (the last chunk and
         nothing before it): that one is let through; one with bytes in it, or whose last chunk has not come
         within the body timeout, is a body."""
-        if not _has_header(scope, b"transfer-encoding"):
-            return False
         try:
             async with asyncio.timeout(self.timeout):
                 message = await receive()
@@ -287,7 +297,9 @@ def _presented_keys(scope: Scope) -> list[bytes]:
 def install(app: FastAPI, settings: Settings) -> None:
     """Add the guards to `app` (outermost first: CORS, API keys, in-flight bound, body size) and document
     what they answer in its OpenAPI schema."""
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
+    app.add_middleware(
+        BodyLimit, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout, router=app.router
+    )
     app.add_middleware(InFlightLimit, limit=settings.max_in_flight)
     if settings.api_keys:
         app.add_middleware(APIKeys, keys=settings.api_keys)
@@ -308,6 +320,9 @@ _BODY_REFUSALS = {
     "413": "The body is larger than VAE_MAX_BODY_BYTES, an image has more pixels than VAE_MAX_IMAGE_PIXELS, "
     "or the images together more than VAE_MAX_REQUEST_PIXELS (the detail names it).",
     "415": "The body's content type is not one the endpoint reads, or it is compressed (Content-Encoding).",
+}
+_GET_BODY = {
+    "400": "The request came with a body: this endpoint reads none (options go in the query string)."
 }
 _BUSY = {
     "503": "The model is not loaded yet, VAE_MAX_IN_FLIGHT requests are in flight, or the server stopped "
@@ -342,8 +357,10 @@ def _documented(openapi: Callable[[], dict[str, Any]], *, keys: bool) -> Callabl
         for path, operations in schema.get("paths", {}).items():
             shape = ProtocolError if is_protocol_path(path) else ErrorResponse
             error = {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape.__name__}"}}}
-            for operation in operations.values():
+            for method, operation in operations.items():
                 refusals = dict(_BODY_REFUSALS) if "requestBody" in operation else {}
+                if method in ("get", "head"):
+                    refusals |= _GET_BODY
                 if path not in _OPEN_TEMPLATES:
                     refusals |= _BUSY | (_UNAUTHORISED if keys else {})
                     if keys:

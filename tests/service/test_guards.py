@@ -83,6 +83,28 @@ def test_a_get_with_a_body_is_400_not_answered_without_it(
     assert client.request("GET", path, content=iter([b""])).status_code == 200  # chunked, but empty
 
 
+@pytest.mark.parametrize(
+    ("path", "status", "expected"),
+    [
+        ("/decode", 405, "Method Not Allowed"),
+        ("/v2/models/decoder/infer", 405, "Method Not Allowed"),
+        ("/no/such/path", 404, "Not Found"),
+    ],
+    ids=["post-route", "v2-post-route", "unknown"],
+)
+@pytest.mark.parametrize("content", [b'{"latents": [[0]]}', iter([b"x"])], ids=["length", "chunked"])
+def test_a_get_with_a_body_where_no_get_is_answered_is_told_that(
+    client: TestClient, path: str, status: int, expected: str, content: Any
+) -> None:
+    """A GET to a POST route is a 405 naming the method to use, body or not: 'takes no request body' would
+    send the client after the wrong fix."""
+    response = client.request("GET", path, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status
+    assert (response.json().get("detail") or response.json()["error"]) == expected
+    if status == 405:
+        assert response.headers["allow"] == "POST"
+
+
 def test_body_at_the_limit_is_read(guarded: TestClient) -> None:
     body = b'{"latents": [[' + b",".join([b"0"] * 16) + b"]]}"
     padded = body + b" " * (BODY_LIMIT - len(body))  # JSON allows trailing whitespace
@@ -100,7 +122,7 @@ def test_a_body_with_a_false_length_is_cut_off_unread() -> None:
     async def echo(request: Request) -> dict[str, int]:
         return {"bytes": len(await request.body())}
 
-    app.add_middleware(guards.BodyLimit, max_bytes=BODY_LIMIT, timeout=30.0)
+    app.add_middleware(guards.BodyLimit, max_bytes=BODY_LIMIT, timeout=30.0, router=app.router)
     chunks_read = 0
 
     async def endless() -> Message:

@@ -438,16 +438,19 @@ def test_every_error_under_v2_is_in_the_protocols_shape(settings: Settings) -> N
     assert documented["413"]["content"]["application/json"]["schema"]["$ref"].endswith("/ProtocolError")
     decode = schema["paths"]["/decode"]["post"]["responses"]
     assert decode["401"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
-    # A model's metadata and readiness take only the name (a 404 when unknown): no validation error to list.
-    # Readiness is a probe: no key needed.
+    # A model's metadata and readiness take only the name (a 404 when unknown): no validation error to list,
+    # and a body sent with the GET is a 400. Readiness is a probe: no key needed.
     assert set(schema["paths"]["/v2/models/{model_name}"]["get"]["responses"]) == {
         "200",
+        "400",
         "401",
         "403",
         "404",
         "503",
     }
-    assert set(schema["paths"]["/v2/models/{model_name}/ready"]["get"]["responses"]) == {"200", "404", "503"}
+    ready = schema["paths"]["/v2/models/{model_name}/ready"]["get"]["responses"]
+    assert set(ready) == {"200", "400", "404", "503"}
+    assert ready["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ProtocolError")
 
 
 @pytest.mark.slow
