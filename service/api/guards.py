@@ -30,6 +30,7 @@ from fastapi import FastAPI, HTTPException, status
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from pydantic import SecretStr
+from starlette.datastructures import Headers
 from starlette.routing import Match, Router
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -43,6 +44,7 @@ from service.schemas import ErrorResponse
 
 __all__ = [
     "CLOSE",
+    "CORS",
     "OPEN_PATHS",
     "RETRY_AFTER_S",
     "APIKeys",
@@ -67,6 +69,8 @@ RETRY_AFTER_S = 1
 # The header of a refusal that leaves the rest of the body unread (408, 413): the connection closes after the
 # answer, so the client stops sending, and the server stops reading, a body no one will use.
 CLOSE = {"Connection": "close"}
+# The request headers a page on another origin may send besides the CORS-safelisted ones.
+_CORS_HEADERS = ["Authorization", "Content-Type", "X-API-Key", request_id.HEADER]
 # Methods whose requests carry nothing in a body here: one that comes with a body is refused, not ignored
 # (`GET /sample` with `{"n": 4}` would otherwise answer 16 samples).
 _NO_BODY = frozenset({"GET", "HEAD"})
@@ -207,6 +211,48 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
+class CORS(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight answered as JSON naming what was refused, like every other
+    error (Starlette answers `Disallowed CORS method` in plain text)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "OPTIONS":
+            await super().__call__(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        if "origin" not in headers or "access-control-request-method" not in headers:
+            await super().__call__(scope, receive, send)
+            return
+        response = self.preflight_response(request_headers=headers)
+        if response.status_code == status.HTTP_200_OK:
+            await response(scope, receive, send)
+            return
+        refusal = {
+            name: value for name, value in response.headers.items() if name.startswith("access-control-")
+        }
+        detail = "CORS preflight refused: " + "; ".join(self._refused(headers))
+        await refuse(scope, receive, send, status.HTTP_400_BAD_REQUEST, detail, refusal)
+
+    def _refused(self, headers: Headers) -> list[str]:
+        """What of the preflight `headers` is not allowed, each with what is."""
+        refused = []
+        if not self.is_allowed_origin(origin=headers["origin"]):
+            refused.append(f"origin {quoted(headers['origin'])} is not one of VAE_CORS_ORIGINS")
+        method = headers["access-control-request-method"]
+        if method not in self.allow_methods:
+            refused.append(f"method {quoted(method)} is not allowed ({', '.join(self.allow_methods)})")
+        requested = [name.strip() for name in headers.get("access-control-request-headers", "").split(",")]
+        extra = [name for name in requested if name and name.lower() not in self.allow_headers]
+        if extra:
+            allowed = ", ".join(_CORS_HEADERS)
+            refused.append(
+                f"headers {quoted(', '.join(extra))} are not allowed (those safelisted and {allowed})"
+            )
+        if "access-control-request-private-network" in headers:
+            refused.append("private network access is not allowed")
+        return refused
+
+
 class InFlightLimit:
     """At most `limit` requests handled at once (probes aside); the next ones get 503 at once."""
 
@@ -305,10 +351,10 @@ def install(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(APIKeys, keys=settings.api_keys)
     if settings.cors_origins:
         app.add_middleware(
-            CORSMiddleware,
+            CORS,
             allow_origins=settings.cors_origins,
             allow_methods=["GET", "HEAD", "POST"],
-            allow_headers=["Authorization", "Content-Type", "X-API-Key", request_id.HEADER],
+            allow_headers=_CORS_HEADERS,
             expose_headers=[request_id.HEADER, "Retry-After"],
         )
     app.openapi = _documented(app.openapi, keys=bool(settings.api_keys))  # type: ignore[method-assign]

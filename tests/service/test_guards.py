@@ -457,3 +457,39 @@ def test_cors_origins_from_settings(guarded: TestClient) -> None:
     )
     assert other.status_code == 400
     assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize(
+    ("path", "preflight", "refused"),
+    [
+        (
+            "/decode",
+            {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"},
+            "origin 'https://evil.example' is not one of VAE_CORS_ORIGINS",
+        ),
+        (
+            "/decode",
+            {"Origin": ORIGIN, "Access-Control-Request-Method": "PUT"},
+            "method 'PUT' is not allowed (GET, HEAD, POST)",
+        ),
+        (
+            "/v2/models/decoder/infer",
+            {
+                "Origin": ORIGIN,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type, X-Trace, x-other",
+            },
+            "headers 'X-Trace, x-other' are not allowed (those safelisted and Authorization, Content-Type, "
+            "X-API-Key, X-Request-ID)",
+        ),
+    ],
+    ids=["origin", "method", "headers-v2"],
+)
+def test_a_refused_preflight_is_json_naming_what_was_refused(
+    guarded: TestClient, path: str, preflight: dict[str, str], refused: str
+) -> None:
+    response = guarded.options(path, headers=preflight)
+    assert response.status_code == 400
+    assert response.headers["content-type"] == "application/json"
+    key = "error" if path.startswith("/v2") else "detail"
+    assert response.json() == {key: f"CORS preflight refused: {refused}"}
