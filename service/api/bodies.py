@@ -51,6 +51,8 @@ __all__ = [
 
 JSON = "application/json"
 MULTIPART = "multipart/form-data"
+# The most bytes read before a multipart body's first boundary (a preamble, which is skipped).
+_MAX_PREAMBLE = 1024
 # The multipart field that carries image files.
 FILES_FIELD = "files"
 # Longest file name quoted in an error detail; longer ones are cut (they come from the client).
@@ -174,10 +176,16 @@ async def read_body(request: Request, *, max_files: int) -> bytes | list[Upload]
             detail=f"the content type has no boundary: send {MULTIPART}; boundary=<the parts' separator>",
         )
     files = _Files(max_files)
+    delimiter = b"--" + boundary
+    preamble: bytes | None = b""  # what comes before the first delimiter, until it has come
     try:
         parser = MultipartParser(boundary, files.callbacks())
         async for chunk in request.stream():
+            if preamble is not None:
+                chunk, preamble = _after_preamble(preamble + chunk, delimiter)
             parser.write(chunk)
+        if preamble:
+            raise FormParserError(f"no boundary ({quoted(delimiter.decode('latin-1'))}) in the body")
         parser.finalize()
     except FormParserError as error:  # python-multipart's messages name the fault and its offset, not data
         detail = f"the body is not valid {MULTIPART}: {error}"
@@ -191,6 +199,21 @@ async def read_body(request: Request, *, max_files: int) -> bytes | list[Upload]
             ("body", FILES_FIELD), f"no images: send one multipart part named '{FILES_FIELD}' per image"
         )
     return files.uploads
+
+
+def _after_preamble(start: bytes, delimiter: bytes) -> tuple[bytes, bytes | None]:
+    """(the body from its first `delimiter` on, None) once `start` holds it; else (b"", `start`) to wait for
+    more. RFC 2046 lets text come before it (a preamble, which some MIME writers add); the parser takes none.
+    """
+    if start.startswith(delimiter):
+        return start, None
+    window = _MAX_PREAMBLE + len(b"\r\n" + delimiter)  # however the body comes in chunks
+    at = start.find(b"\r\n" + delimiter, 0, window)
+    if at >= 0:
+        return start[at + 2 :], None
+    if len(start) >= window:
+        raise FormParserError(f"no boundary in the first {_MAX_PREAMBLE} bytes")
+    return b"", start
 
 
 class _Files:

@@ -368,8 +368,19 @@ CASES = [
         "POST",
         "/encode",
         400,
-        "the body is not valid multipart/form-data: Expected boundary character",
+        "the body is not valid multipart/form-data: no boundary ('--x') in the body",
         request={"content": MARKER.encode(), "headers": {"content-type": "multipart/form-data; boundary=x"}},
+    ),
+    Case(
+        "multipart-no-boundary-in-sight",
+        "POST",
+        "/encode",
+        400,
+        "the body is not valid multipart/form-data: no boundary in the first 1024 bytes",
+        request={
+            "content": MARKER.encode() * 100 + b"\r\n--x\r\n",
+            "headers": {"content-type": "multipart/form-data; boundary=x"},
+        },
     ),
     Case(
         "files-as-text",

@@ -297,6 +297,22 @@ def test_truncated_multipart_is_400(client: TestClient) -> None:
     assert detail(response, 400) == "the multipart/form-data body ends before its closing boundary"
 
 
+def test_a_multipart_preamble_is_skipped_however_the_body_is_chunked(client: TestClient) -> None:
+    """RFC 2046 lets text precede the first boundary (MIME writers add one); the parts after it are read."""
+    parts = b"".join(
+        b'--b\r\nContent-Disposition: form-data; name="files"; filename="%d.png"\r\n\r\n%s\r\n'
+        % (i, digit_png(i))
+        for i in range(2)
+    )
+    plain = client.post("/encode", files=files(digit_png(0), digit_png(1))).json()
+    body = b"This is a multi-part message in MIME format.\r\n" + parts + b"--b--\r\n"
+    headers = {"content-type": "multipart/form-data; boundary=b"}
+    for content in (body, (body[i : i + 7] for i in range(0, len(body), 7))):
+        response = client.post("/encode", content=content, headers=headers)
+        assert response.status_code == 200, response.text
+        assert response.json()["mu"] == plain["mu"]
+
+
 def test_multipart_text_in_files_is_422(client: TestClient) -> None:
     response = client.post("/encode", data={"files": "not a file"}, files={"x": ("a", b"", "text/plain")})
     assert messages(response) == [(("body", "files", 0), "files[0] is a text field, not a file")]
