@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args, get_origin, get_type_h
 
 import torch
 
-from training.data import DataError
+from training.data import DataError, idx_test_file
 
 if TYPE_CHECKING:
     from training.train import TrainConfig
@@ -55,9 +56,34 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _refuse_idle_flags(given: dict[str, Any], cfg: TrainConfig) -> None:
+def _refuse_idle_flags(
+    given: dict[str, Any], cfg: TrainConfig, model: dict[str, Any], architecture: str
+) -> None:
     """ValueError for a flag that would do nothing: a mistake on the command line. (Not a check of the config
     itself: a checkpoint of an earlier version, which ignored it, may hold one and still loads.)"""
+    if "hidden" in model and architecture != "mlp":
+        raise ValueError(
+            f"--hidden sizes the mlp's layers; {architecture} takes --conv-channels and --conv-dense"
+        )
+    for name in ("conv_channels", "conv_dense"):
+        if name in model and architecture != "conv":
+            raise ValueError(f"--{name.replace('_', '-')} is for the conv architecture; mlp takes --hidden")
+    if "lr_min_ratio" in given and cfg.lr_schedule != "cosine":
+        raise ValueError(
+            "--lr-min-ratio is where the cosine schedule ends; --lr-schedule constant keeps --lr"
+        )
+    if "threads" in given and cfg.threads > (os.cpu_count() or 1):
+        raise ValueError(f"--threads {cfg.threads} is more than this machine's {os.cpu_count()} CPUs")
+    if (
+        "test_fraction" in given
+        and cfg.dataset == "idx"
+        and cfg.data_dir is not None
+        and idx_test_file(Path(cfg.data_dir)) is not None
+    ):
+        raise ValueError(
+            f"--test-fraction holds out part of the training images as the test set; {cfg.data_dir} has "
+            f"test images of its own ({idx_test_file(Path(cfg.data_dir))}), which are the test set"
+        )
     if "data_dir" in given and cfg.dataset == "digits":
         raise ValueError("--data-dir is for the idx and folder datasets; digits is embedded")
     for name in ("image_size", "channels"):
@@ -130,12 +156,13 @@ def _run(args: argparse.Namespace) -> None:
             # The run's own settings, with what was given on top; `train` refuses what may not change.
             ckpt = load_checkpoint(args.out / "last.pt")
             tcfg = TrainConfig(**{**ckpt.train_config, **train_given})
-            _refuse_idle_flags(train_given, tcfg)
             mcfg = VAEConfig(**{**ckpt.config, **model_given})
+            _refuse_idle_flags(train_given, tcfg, model_given, mcfg.architecture)
         else:
             tcfg = TrainConfig(**train_given)
-            _refuse_idle_flags(train_given, tcfg)
             # The image shape comes from the data; `train` uses the splits read for it.
+            architecture = model_given.get("architecture", VAEConfig.architecture)
+            _refuse_idle_flags(train_given, tcfg, model_given, architecture)
             splits = load_splits(tcfg)
             _, c, h, w = splits.train.images.shape
             mcfg = VAEConfig(channels=c, height=h, width=w, **model_given)

@@ -30,6 +30,7 @@ __all__ = [
     "DataError",
     "Dataset",
     "Split",
+    "idx_test_file",
     "load_dataset",
     "read_idx",
     "split_dataset",
@@ -122,6 +123,11 @@ def _find_idx(root: Path, stem: str) -> Path | None:
     return found[0] if found else None
 
 
+def idx_test_file(root: Path) -> Path | None:
+    """The test images of the IDX dataset in `root`, when it has its own."""
+    return _find_idx(root, _IDX_TEST_IMAGES)
+
+
 def _load_idx(root: Path) -> Dataset:
     if not root.is_dir():
         raise DataError(f"{root}: IDX dataset directory not found")
@@ -149,8 +155,13 @@ def _load_idx(root: Path) -> Dataset:
         return Split((raw[:, None].astype(np.float32) / 255.0), labels)
 
     train = part(train_path, _IDX_TRAIN_LABELS)
-    test_path = _find_idx(root, _IDX_TEST_IMAGES)
+    test_path = idx_test_file(root)
     test = part(test_path, _IDX_TEST_LABELS) if test_path is not None else None
+    orphan = _find_idx(root, _IDX_TEST_LABELS) if test_path is None else None
+    if orphan is not None:  # the test images missing, or misnamed: the labels would go unread
+        raise DataError(
+            f"{orphan}: test labels without test images; expected {_IDX_TEST_IMAGES}[.gz] beside them"
+        )
     if test is not None and test.images.shape[1:] != train.images.shape[1:]:
         raise DataError(f"{test_path}: image shape {test.images.shape[1:]} differs from the training images")
     parts = [train.images] if test is None else [train.images, test.images]

@@ -109,7 +109,9 @@ def _parity(module: nn.Module, path: Path, make_input: torch.Tensor, label: str)
                 )
             diff = float(np.max(np.abs(have - want.numpy())))
             worst = max(worst, diff)
-            if diff > PARITY_TOLERANCE:
+            if not (np.isfinite(have).all() and torch.isfinite(want).all()):
+                raise ExportError(f"{label}: output {name} at batch {batch} holds NaN or infinite values")
+            if not diff <= PARITY_TOLERANCE:  # NaN fails too
                 raise ExportError(
                     f"{label}: output {name} at batch {batch} differs from PyTorch by {diff:.3g} "
                     f"(tolerance {PARITY_TOLERANCE})"

@@ -55,9 +55,10 @@ class VAEConfig:
             if not sizes or min(sizes) < 1:
                 raise ValueError(f"{name} must be one or more sizes of at least 1, got {sizes}")
         check_choices(self)
-        if not self.logvar_min < self.logvar_max:
+        if not -math.inf < self.logvar_min < self.logvar_max < math.inf:
             raise ValueError(
-                f"logvar_min must be below logvar_max, got [{self.logvar_min}, {self.logvar_max}]"
+                "logvar_min must be below logvar_max, both finite, got "
+                f"[{self.logvar_min}, {self.logvar_max}]"
             )
         if self.architecture == "conv":
             factor = 2 ** len(self.conv_channels)

@@ -134,6 +134,16 @@ def test_idx_labels_must_match_images(tmp_path: Path, images: np.ndarray) -> Non
         load_dataset("idx", tmp_path)
 
 
+def test_idx_test_labels_without_test_images_are_refused(tmp_path: Path, images: np.ndarray) -> None:
+    """The test images missing or misnamed: the labels would otherwise go unread without a word."""
+    _write(tmp_path / "train-images-idx3-ubyte", _idx_bytes(images))
+    _write(tmp_path / "t10k-labels-idx1-ubyte.gz", _idx_bytes(np.arange(3)))
+    with pytest.raises(
+        DataError, match=r"t10k-labels-idx1-ubyte\.gz: test labels without test images; expected"
+    ):
+        load_dataset("idx", tmp_path)
+
+
 def test_digits_is_the_embedded_default() -> None:
     dataset = load_dataset("digits")
     assert dataset.images.shape == (1797, 1, 8, 8)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import warnings
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,31 @@ def test_export_refuses_a_model_that_fails_parity(
     monkeypatch.setattr(export_module, "PARITY_TOLERANCE", -1.0)  # no graph can meet a negative tolerance
     out = tmp_path / "model"
     with pytest.raises(ExportError, match=r"encoder\.onnx: output mu at batch 1 differs from PyTorch"):
+        export(tiny_run / "best.pt", out, iwae_samples=2)
+    assert not out.exists()
+
+
+def test_export_refuses_outputs_that_are_nan_on_both_sides(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NaN compares false with any tolerance: a decoder of NaN weights, in PyTorch and ONNX alike, passed."""
+    ckpt = load_checkpoint(tiny_run / "best.pt")
+    broken = {
+        name: tensor * math.nan if name.startswith("decoder.") else tensor
+        for name, tensor in ckpt.model.items()
+    }
+    real_load = export_module.load_checkpoint
+
+    def loaded(path: Path) -> Any:
+        loaded_ckpt = real_load(path)
+        loaded_ckpt.model = broken
+        return loaded_ckpt
+
+    monkeypatch.setattr(export_module, "load_checkpoint", loaded)
+    out = tmp_path / "model"
+    with pytest.raises(
+        ExportError, match=r"decoder\.onnx: output x_mean at batch 1 holds NaN or infinite values"
+    ):
         export(tiny_run / "best.pt", out, iwae_samples=2)
     assert not out.exists()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 
 import training.train as train_module
 from training.__main__ import main
+from training.model import VAE, VAEConfig
 from training.train import Splits, load_checkpoint, load_splits, objective
 
 
@@ -142,10 +144,28 @@ def test_a_fresh_run_leaves_no_best_checkpoint_of_an_earlier_one(tmp_path: Path)
         (["--latent-dim", "-2"], "latent_dim must be at least 1, got -2"),
         (["--hidden", "0"], "hidden must be one or more sizes of at least 1, got [0]"),
         (["--threads", "-1"], "threads must be at least 0, got -1"),
-        (["--warmup-epochs", "-1"], "warmup_epochs must be 0 or more, got -1.0"),
-        (["--beta", "nan"], "beta must be 0 or more, got nan"),
+        (["--warmup-epochs", "-1"], "warmup_epochs must be a finite number, 0 or more, got -1.0"),
+        (["--warmup-epochs", "inf"], "warmup_epochs must be a finite number, 0 or more, got inf"),
+        (["--beta", "nan"], "beta must be a finite number, 0 or more, got nan"),
+        (["--beta", "inf"], "beta must be a finite number, 0 or more, got inf"),
+        (["--free-bits", "inf"], "free_bits must be a finite number, 0 or more, got inf"),
+        (["--weight-decay", "inf"], "weight_decay must be a finite number, 0 or more, got inf"),
         (["--ema-decay", "1"], "ema_decay must be in [0, 1)"),
-        (["--lr", "0"], "lr must be above 0, got 0.0"),
+        (["--lr", "0"], "lr must be a finite number above 0, got 0.0"),
+        (["--lr", "inf"], "lr must be a finite number above 0, got inf"),
+        (["--seed", str(2**64 - 1)], f"seed must be at most {2**32 - 1}, got {2**64 - 1}"),
+        (["--threads", "100000"], "--threads 100000 is more than this machine's"),
+        (
+            ["--architecture", "conv", "--hidden", "7"],
+            "--hidden sizes the mlp's layers; conv takes --conv-channels",
+        ),
+        (["--conv-dense", "5"], "--conv-dense is for the conv architecture; mlp takes --hidden"),
+        (["--conv-channels", "3"], "--conv-channels is for the conv architecture"),
+        (
+            ["--lr-schedule", "constant", "--lr-min-ratio", "0.5"],
+            "--lr-min-ratio is where the cosine schedule",
+        ),
+        (["--logvar-max", "inf"], "logvar_min must be below logvar_max, both finite, got [-30.0, inf]"),
         (["--lr-min-ratio", "5"], "lr_min_ratio must be in (0, 1], got 5.0"),
         (["--test-fraction", "0"], "test_fraction must be in (0, 1), got 0.0"),
         (["--val-fraction", "0.6", "--test-fraction", "0.6"], "val_fraction + test_fraction must leave"),
@@ -165,6 +185,41 @@ def test_bad_settings_are_named_before_anything_runs(
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_test_fraction_is_refused_where_the_idx_data_has_its_own_test_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "idx"
+    data.mkdir()
+    images = np.zeros((20, 4, 4), np.uint8)
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        (data / name).write_bytes(b"\0\0\x08\x03" + np.array([20, 4, 4], ">u4").tobytes() + images.tobytes())
+    run = ["train", "--out", str(tmp_path / "run"), "--dataset", "idx", "--data-dir", str(data)]
+    assert main([*run, "--test-fraction", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "--test-fraction holds out part of the training images as the test set" in err
+    assert "t10k-images-idx3-ubyte" in err and not (tmp_path / "run").exists()
+
+
+def test_a_run_whose_loss_becomes_nan_stops_at_that_epoch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Before, a diverged run went on to its end and wrote a best.pt of NaN weights, with exit status 0."""
+    calls = 0
+
+    def diverging(*args: Any, **kwargs: Any) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        loss = objective(*args, **kwargs)
+        return loss * math.nan if calls > 45 else loss  # during epoch 2 (40 steps an epoch)
+
+    monkeypatch.setattr(train_module, "objective", diverging)
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "4", "--batch-size", "32", *QUICK]) == 2
+    assert "the training loss became nan in epoch 2: the run diverged" in capsys.readouterr().err
+    last = load_checkpoint(run / "last.pt")
+    assert last.epoch == 1 and all(torch.isfinite(t).all() for t in last.model.values())
 
 
 def test_a_choice_flag_takes_only_its_choices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -333,3 +388,48 @@ def test_a_relative_data_dir_not_found_says_where_it_was_looked_for(
             "run this from the directory it was trained in"
         )
     )
+
+
+def test_the_weight_average_warms_up_so_that_a_short_run_is_not_its_initial_weights(tmp_path: Path) -> None:
+    """At a constant decay of 0.999, 85 % of the average after 164 steps was still the initial weights; the
+    average warmed up as min(decay, (1 + n) / (10 + n)) keeps under a millionth of them."""
+    update = train_module._ema_update(0.999)
+    averaged = [torch.zeros(1)]  # the initial weights (AveragedModel copies them at its first update)
+    for n in range(1, 164):
+        update(averaged, [torch.ones(1)], torch.tensor(n))
+    assert 1 - float(averaged[0]) < 1e-6
+    # From about 9 000 updates on it is the plain exponential average.
+    late = [torch.zeros(1)]
+    update(late, [torch.ones(1)], torch.tensor(9000))
+    assert float(late[0]) == pytest.approx(0.001)
+
+    # What a 4-epoch run validates and exports: far from its initial weights, as its raw weights are.
+    run = tmp_path / "run"
+    assert main(["train", "--out", str(run), "--epochs", "4", "--seed", "2", *QUICK]) == 0
+    last = load_checkpoint(run / "last.pt")
+    torch.manual_seed(2)
+    initial = VAE(VAEConfig(**last.config)).state_dict()
+    assert last.raw_model is not None
+    for name, weights in last.model.items():
+        moved, raw_moved = (weights - initial[name]).norm(), (last.raw_model[name] - initial[name]).norm()
+        assert moved > 0.8 * raw_moved, name
+
+
+def test_resume_refuses_a_changed_setting_before_reading_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A changed --image-size was read into a whole folder at the new size, then refused as a model that
+    expects 8x8 images; it is named as the setting that may not change, with nothing read."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(30):
+        Image.fromarray(np.full((8, 8), i * 8, np.uint8)).save(folder / f"{i}.png")
+    run = tmp_path / "run"
+    data = ["--dataset", "folder", "--data-dir", str(folder), "--image-size", "8"]
+    assert main(["train", "--out", str(run), "--epochs", "1", *data, *QUICK]) == 0
+    calls: list[object] = []
+    monkeypatch.setattr(train_module, "load_splits", lambda cfg: calls.append(cfg))
+    argv = ["train", "--out", str(run), "--resume", "--epochs", "2", "--image-size", "12", "--no-progress"]
+    assert main(argv) == 2
+    assert "image_size 12 (the run's: 8)" in capsys.readouterr().err
+    assert calls == []
