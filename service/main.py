@@ -22,7 +22,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from service import request_id
-from service.api import guards
+from service.api import guards, openapi
 from service.api.docs import create_fastapi
 from service.api.middleware import RequestMiddleware
 from service.api.responses import NumpyJSONResponse
@@ -162,6 +162,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.error("cannot serve the model: %s", error)
             raise
         metrics.describe(model)
+        openapi.describe_model(app, model.latent_dim)
         # What startup built (modules, routes, schemas, the model) lives as long as the process: frozen out
         # of the cyclic collector's full passes, which otherwise stall requests for tens of milliseconds.
         gc.freeze()
@@ -185,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(RequestValidationError, _invalid_request)
     guards.install(app, settings)  # CORS, API keys, in-flight bound, body size
+    openapi.install(app, settings)  # the settings' bounds and the model's latent_dim in the schema
     # Added last, so it is the outermost middleware: it times and counts what the others answer too.
     # The routers' own routes: FastAPI wraps included ones in a router-level route that has no template.
     routes = [*app.router.routes, *(route for router in ROUTERS for route in router.routes)]

@@ -17,6 +17,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, With
 from service.model_card import DatasetInfo, InputSpec, TestMetrics
 
 __all__ = [
+    "LATENT_DIM",
     "DecodeRequest",
     "DecodeResponse",
     "EncodeResponse",
@@ -48,13 +49,24 @@ _LOGVAR_BOUND = 100.0
 # Numbers only: strict refuses "1.5" and true; NaN and Infinity are refused too.
 LatentValue = Annotated[float, Strict(), Field(allow_inf_nan=False, ge=-_LATENT_BOUND, le=_LATENT_BOUND)]
 LogVarianceValue = Annotated[float, Strict(), Field(allow_inf_nan=False, ge=-_LOGVAR_BOUND, le=_LOGVAR_BOUND)]
+# The JSON-schema key of an array whose length is the loaded model's latent_dim: the served schema says
+# minItems and maxItems instead, once the model is loaded (`service.api.openapi`).
+LATENT_DIM = "x-latent-dim"
 Vector = Annotated[
     list[LatentValue],
-    Field(min_length=1, description="A latent vector: latent_dim numbers (GET /model)."),
+    Field(
+        min_length=1,
+        description="A latent vector: latent_dim numbers (GET /model).",
+        json_schema_extra={LATENT_DIM: True},
+    ),
 ]
 LogVariance = Annotated[
     list[LogVarianceValue],
-    Field(min_length=1, description="log sigma^2 per latent dimension: latent_dim numbers."),
+    Field(
+        min_length=1,
+        description="log sigma^2 per latent dimension: latent_dim numbers.",
+        json_schema_extra={LATENT_DIM: True},
+    ),
 ]
 
 

@@ -13,17 +13,29 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 from fastapi.exceptions import RequestValidationError
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo
-from pydantic_core import ErrorDetails, PydanticCustomError
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    ValidationError,
+    ValidationInfo,
+)
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, ErrorDetails, PydanticCustomError, core_schema
 
 from service.api.responses import ImageFormat
 from service.config import DEFAULT_SAMPLES, DEFAULT_STEPS, Settings
 from service.gaussian import InterpolationMethod
 
 __all__ = [
+    "MAXIMUM_SETTING",
     "DecodeOptions",
     "EncodeOptions",
     "InterpolateOptions",
@@ -36,17 +48,34 @@ __all__ = [
 ]
 
 
-def _at_most(setting: str) -> AfterValidator:
-    """The value may not exceed the server's `Settings.<setting>` (so it is not in the static schema).
+# The JSON-schema key of a bound that is a setting (its name): the served schema says `maximum` instead, the
+# running server's value (`service.api.openapi`).
+MAXIMUM_SETTING = "x-maximum-setting"
+
+
+@dataclass(frozen=True)
+class _AtMost:
+    """The value may not exceed the server's `Settings.<setting>`, which no schema written at import knows.
 
     Checked when the settings come as the validation context (`parse_query`); options built in code have none.
+    The JSON schema names the setting (`MAXIMUM_SETTING`), so that the OpenAPI schema can say its value.
     """
 
-    def check(value: int, info: ValidationInfo) -> int:
+    setting: str
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.with_info_after_validator_function(self.check, handler(source))
+
+    def __get_pydantic_json_schema__(
+        self, schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        return handler(schema) | {MAXIMUM_SETTING: self.setting}
+
+    def check(self, value: int, info: ValidationInfo) -> int:
         settings: Settings | None = (info.context or {}).get("settings")
         if settings is None:
             return value
-        limit: int = getattr(settings, setting)
+        limit: int = getattr(settings, self.setting)
         if value > limit:
             raise PydanticCustomError(
                 "value_error",
@@ -55,12 +84,10 @@ def _at_most(setting: str) -> AfterValidator:
                     "name": info.field_name,
                     "value": value,
                     "limit": limit,
-                    "variable": f"VAE_{setting.upper()}",
+                    "variable": f"VAE_{self.setting.upper()}",
                 },
             )
         return value
-
-    return AfterValidator(check)
 
 
 def _png_only(value: int, info: ValidationInfo) -> int:
@@ -87,17 +114,17 @@ def _with_draws(value: int | None, info: ValidationInfo) -> int | None:
 Count = Annotated[
     int,
     Field(ge=1, description="How many latents to draw and decode (at most VAE_MAX_LATENTS)."),
-    _at_most("max_latents"),
+    _AtMost("max_latents"),
 ]
 Draws = Annotated[
     int,
     Field(ge=0, description="z draws per image, returned as `z` (at most VAE_MAX_SAMPLES)."),
-    _at_most("max_samples"),
+    _AtMost("max_samples"),
 ]
 Steps = Annotated[
     int,
     Field(ge=2, description="Images on the path, both ends included (at most VAE_MAX_STEPS)."),
-    _at_most("max_steps"),
+    _AtMost("max_steps"),
 ]
 Scale = Annotated[
     int,
@@ -105,7 +132,7 @@ Scale = Annotated[
         ge=1,
         description="Nearest-neighbour upscaling of PNG outputs, png or grid (at most VAE_MAX_SCALE).",
     ),
-    _at_most("max_scale"),
+    _AtMost("max_scale"),
     AfterValidator(_png_only),
 ]
 Seed = Annotated[
@@ -232,10 +259,23 @@ def parameters(model: type[Options]) -> dict[str, Any]:
     schema = model.model_json_schema(mode="validation")
     listed = []
     for name, field in schema["properties"].items():
-        field = dict(field)
+        field = _not_null(field)
         description = field.get("description")
         listed.append(
             {"name": name, "in": "query", "required": False, "schema": field}
             | ({"description": description} if description else {})
         )
     return {"parameters": listed}
+
+
+def _not_null(field: dict[str, Any]) -> dict[str, Any]:
+    """`field`'s schema as a query parameter's: a query string cannot carry null (`?seed=` is not a number),
+    so an optional value (`int | None`, None by default) is documented as its other branch, to be left out."""
+    branches = field.get("anyOf", [])
+    if {"type": "null"} not in branches:
+        return dict(field)
+    rest = [branch for branch in branches if branch != {"type": "null"}]
+    documented = {
+        key: value for key, value in field.items() if key != "anyOf" and (key, value) != ("default", None)
+    }
+    return documented | (rest[0] if len(rest) == 1 else {"anyOf": rest})
