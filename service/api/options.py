@@ -82,7 +82,8 @@ class _AtMost:
                 "{name} is {value}; this server allows at most {limit} ({variable})",
                 {
                     "name": info.field_name,
-                    "value": value,
+                    # Not all of a number of thousands of digits: a detail quotes the start of what was sent.
+                    "value": value if value < 10**12 else f"{str(value)[:12]}... ({len(str(value))} digits)",
                     "limit": limit,
                     "variable": f"VAE_{self.setting.upper()}",
                 },

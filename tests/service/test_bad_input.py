@@ -217,6 +217,14 @@ CASES = [
         "n is 4; this server allows at most 3 (VAE_MAX_LATENTS)",
         ("query", "n"),
     ),
+    Case(
+        "n-of-a-thousand-digits",
+        "GET",
+        "/sample?n=" + "9" * 1000,
+        422,
+        "n is 999999999999... (1000 digits); this server allows at most 3 (VAE_MAX_LATENTS)",
+        ("query", "n"),
+    ),
     Case("n-zero", "GET", "/sample?n=0", 422, "Input should be greater than or equal to 1", ("query", "n")),
     Case(
         "samples",
