@@ -73,7 +73,10 @@ def _refuse_idle_flags(
             "--lr-min-ratio is where the cosine schedule ends; --lr-schedule constant keeps --lr"
         )
     if "threads" in given and cfg.threads > (os.cpu_count() or 1):
-        raise ValueError(f"--threads {cfg.threads} is more than this machine's {os.cpu_count()} CPUs")
+        raise ValueError(
+            f"--threads {cfg.threads} is more than this machine's {os.cpu_count()} CPUs "
+            "(--threads 0 takes torch's default)"
+        )
     if (
         "test_fraction" in given
         and cfg.dataset == "idx"

@@ -359,9 +359,10 @@ def _train(
             totals[2] += len(batch)
         recon_sum, kl_sum, seen = ctx.sum(totals)
         if not math.isfinite(recon_sum + kl_sum):
+            kept = f"{out / 'last.pt'} holds epoch {epoch}" if epoch > 0 else "no checkpoint was written"
             raise ValueError(
                 f"the training loss became {recon_sum + kl_sum} in epoch {epoch + 1}: the run diverged "
-                f"(a lower --lr may help); {out / 'last.pt'} holds the epoch before"
+                f"(a lower --lr may help); {kept}"
             )
         val = _validate(served, x_val, ctx, seed=cfg.seed + 1)
         row = {

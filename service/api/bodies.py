@@ -210,6 +210,8 @@ def _after_preamble(start: bytes, delimiter: bytes) -> tuple[bytes, bytes | None
     window = _MAX_PREAMBLE + len(b"\r\n" + delimiter)  # however the body comes in chunks
     at = start.find(b"\r\n" + delimiter, 0, window)
     if at >= 0:
+        if delimiter in start[:at]:  # a boundary with no line break before it: the body is not well formed
+            raise FormParserError("the body's first boundary does not start a line")
         return start[at + 2 :], None
     if len(start) >= window:
         raise FormParserError(f"no boundary in the first {_MAX_PREAMBLE} bytes")

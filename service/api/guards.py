@@ -228,7 +228,9 @@ class CORS(CORSMiddleware):
             await response(scope, receive, send)
             return
         refusal = {
-            name: value for name, value in response.headers.items() if name.startswith("access-control-")
+            name: value
+            for name, value in response.headers.items()
+            if name.startswith("access-control-") or name == "vary"
         }
         detail = "CORS preflight refused: " + "; ".join(self._refused(headers))
         await refuse(scope, receive, send, status.HTTP_400_BAD_REQUEST, detail, refusal)
@@ -241,13 +243,16 @@ class CORS(CORSMiddleware):
         method = headers["access-control-request-method"]
         if method not in self.allow_methods:
             refused.append(f"method {quoted(method)} is not allowed ({', '.join(self.allow_methods)})")
-        requested = [name.strip() for name in headers.get("access-control-request-headers", "").split(",")]
+        listed = headers.get("access-control-request-headers")
+        requested = [name.strip() for name in listed.split(",")] if listed is not None else []
         extra = [name for name in requested if name and name.lower() not in self.allow_headers]
         if extra:
             allowed = ", ".join(_CORS_HEADERS)
             refused.append(
                 f"headers {quoted(', '.join(extra))} are not allowed (those safelisted and {allowed})"
             )
+        if "" in requested:
+            refused.append("Access-Control-Request-Headers has an empty name (a stray comma)")
         if "access-control-request-private-network" in headers:
             refused.append("private network access is not allowed")
         return refused

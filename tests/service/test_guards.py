@@ -482,8 +482,18 @@ def test_cors_origins_from_settings(guarded: TestClient) -> None:
             "headers 'X-Trace, x-other' are not allowed (those safelisted and Authorization, Content-Type, "
             "X-API-Key, X-Request-ID)",
         ),
+        (
+            "/decode",
+            {
+                "Origin": ORIGIN,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "a,",
+            },
+            "headers 'a' are not allowed (those safelisted and Authorization, Content-Type, X-API-Key, "
+            "X-Request-ID); Access-Control-Request-Headers has an empty name (a stray comma)",
+        ),
     ],
-    ids=["origin", "method", "headers-v2"],
+    ids=["origin", "method", "headers-v2", "empty-header-name"],
 )
 def test_a_refused_preflight_is_json_naming_what_was_refused(
     guarded: TestClient, path: str, preflight: dict[str, str], refused: str
@@ -491,5 +501,6 @@ def test_a_refused_preflight_is_json_naming_what_was_refused(
     response = guarded.options(path, headers=preflight)
     assert response.status_code == 400
     assert response.headers["content-type"] == "application/json"
+    assert "Origin" in response.headers["vary"]  # as on Starlette's own answers, for caches
     key = "error" if path.startswith("/v2") else "detail"
     assert response.json() == {key: f"CORS preflight refused: {refused}"}

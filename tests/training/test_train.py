@@ -217,9 +217,20 @@ def test_a_run_whose_loss_becomes_nan_stops_at_that_epoch(
     monkeypatch.setattr(train_module, "objective", diverging)
     run = tmp_path / "run"
     assert main(["train", "--out", str(run), "--epochs", "4", "--batch-size", "32", *QUICK]) == 2
-    assert "the training loss became nan in epoch 2: the run diverged" in capsys.readouterr().err
+    assert (
+        "the training loss became nan in epoch 2: the run diverged (a lower --lr may help); "
+        f"{run / 'last.pt'} holds epoch 1" in capsys.readouterr().err
+    )
     last = load_checkpoint(run / "last.pt")
     assert last.epoch == 1 and all(torch.isfinite(t).all() for t in last.model.values())
+    # Diverged in its first epoch: there is no epoch before to point to.
+    calls = 1000  # every loss NaN from the first step on
+    assert main(["train", "--out", str(tmp_path / "first"), "--epochs", "4", *QUICK]) == 2
+    assert (
+        "in epoch 1: the run diverged (a lower --lr may help); no checkpoint was written"
+        in capsys.readouterr().err
+    )
+    assert not (tmp_path / "first" / "last.pt").exists()
 
 
 def test_a_choice_flag_takes_only_its_choices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -311,6 +311,12 @@ def test_a_multipart_preamble_is_skipped_however_the_body_is_chunked(client: Tes
         response = client.post("/encode", content=content, headers=headers)
         assert response.status_code == 200, response.text
         assert response.json()["mu"] == plain["mu"]
+    # A first boundary that does not start a line is no preamble: skipping to the next one dropped an image.
+    for start in (b" ", b"preamble\n"):
+        response = client.post("/encode", content=start + parts + b"--b--\r\n", headers=headers)
+        assert detail(response, 400) == (
+            "the body is not valid multipart/form-data: the body's first boundary does not start a line"
+        )
 
 
 def test_multipart_text_in_files_is_422(client: TestClient) -> None:
