@@ -37,7 +37,6 @@ __all__ = [
     "Upload",
     "decode_images",
     "json_keys",
-    "repeated_key",
     "latent_matrix",
     "more_values_than",
     "parse_json",
@@ -45,6 +44,7 @@ __all__ = [
     "read_json",
     "quoted",
     "refuse_invert_without_images",
+    "repeated_key",
     "request_body",
     "validation_error",
 ]
