@@ -23,16 +23,19 @@ BAD_SETTINGS = 2
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM outside uvicorn's own handling: before it starts, or re-raised by it after a graceful stop."""
+    """SIGTERM or Ctrl-C outside uvicorn's own handling: before it starts, or re-raised by it after a graceful
+    stop."""
     raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
     # From the first moment, before the imports below (uvicorn, pydantic: a few tenths of a second), so that
     # an orchestrator stopping a process that has just started sees it exit 0, not killed by the signal.
-    # uvicorn handles SIGTERM while it serves, then raises it again with the handler it found: this one, so
-    # that a graceful stop exits 0 too.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
+    # uvicorn handles SIGTERM and SIGINT while it serves, then raises them again with the handlers it found:
+    # these, so that a graceful stop exits 0 too. (Python's own SIGINT handler printed a KeyboardInterrupt
+    # traceback for a Ctrl-C in those first tenths of a second, and the process died by the signal.)
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, _exit_cleanly)
     import uvicorn
     from pydantic import ValidationError
 
@@ -71,10 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         timeout_graceful_shutdown=settings.drain_timeout,
     )
     server = Server(config)
-    try:
-        server.run()
-    except KeyboardInterrupt:  # Ctrl-C, re-raised by uvicorn after the same graceful stop
-        pass
+    server.run()
     return 0 if server.started else STARTUP_FAILED
 
 

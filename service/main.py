@@ -190,5 +190,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     # Added last, so it is the outermost middleware: it times and counts what the others answer too.
     # The routers' own routes: FastAPI wraps included ones in a router-level route that has no template.
     routes = [*app.router.routes, *(route for router in ROUTERS for route in router.routes)]
-    app.add_middleware(RequestMiddleware, metrics=metrics, routes=routes, log_requests=settings.access_log)
+    app.add_middleware(
+        RequestMiddleware,
+        metrics=metrics,
+        routes=routes,
+        log_requests=settings.access_log,
+        cors=guards.cors_headers(settings),
+    )
     return app

@@ -50,6 +50,7 @@ __all__ = [
     "APIKeys",
     "BodyLimit",
     "InFlightLimit",
+    "cors_headers",
     "install",
     "is_probe",
     "refuse",
@@ -355,14 +356,29 @@ def install(app: FastAPI, settings: Settings) -> None:
     if settings.api_keys:
         app.add_middleware(APIKeys, keys=settings.api_keys)
     if settings.cors_origins:
-        app.add_middleware(
-            CORS,
-            allow_origins=settings.cors_origins,
-            allow_methods=["GET", "HEAD", "POST"],
-            allow_headers=_CORS_HEADERS,
-            expose_headers=[request_id.HEADER, "Retry-After"],
-        )
+        app.add_middleware(CORS, **_cors_options(settings))
     app.openapi = _documented(app.openapi, keys=bool(settings.api_keys))  # type: ignore[method-assign]
+
+
+def cors_headers(settings: Settings) -> CORS | None:
+    """The CORS headers of `settings` for an answer sent outside the CORS middleware (`CORS.send` adds them
+    to a response's start), or None without VAE_CORS_ORIGINS."""
+    if not settings.cors_origins:
+        return None
+    return CORS(_no_app, **_cors_options(settings))
+
+
+def _cors_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "allow_origins": settings.cors_origins,
+        "allow_methods": ["GET", "HEAD", "POST"],
+        "allow_headers": _CORS_HEADERS,
+        "expose_headers": [request_id.HEADER, "Retry-After"],
+    }
+
+
+async def _no_app(scope: Scope, receive: Receive, send: Send) -> None:
+    raise RuntimeError("cors_headers() decorates answers; it serves none")
 
 
 # The refusals above as OpenAPI responses: status -> description.

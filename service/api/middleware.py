@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
+from functools import partial
 from time import perf_counter
 
+from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import request_id
-from service.api.guards import CLOSE, RETRY_AFTER_S, refuse
+from service.api.guards import CLOSE, CORS, RETRY_AFTER_S, refuse
 from service.logs import access_log
 from service.metrics import Metrics
 
@@ -44,10 +46,17 @@ class RequestMiddleware:
     """Takes or makes the request id (and returns it), counts and times the request, logs it."""
 
     def __init__(
-        self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute], log_requests: bool = True
+        self,
+        app: ASGIApp,
+        metrics: Metrics,
+        routes: Sequence[BaseRoute],
+        log_requests: bool = True,
+        cors: CORS | None = None,
     ) -> None:
         self.app = app
         self.metrics = metrics
+        # The CORS headers for what this middleware answers itself, outside the CORS middleware.
+        self.cors = cors
         # Those with a template, to name a request that a guard refused before routing could.
         self.routes = [route for route in routes if isinstance(getattr(route, "path", None), str)]
         self.log_requests = log_requests
@@ -111,7 +120,10 @@ class RequestMiddleware:
             # It was not served: it may be sent again, to another replica or once this one is back.
             detail = "the server stopped before this request was answered; send it again"
             headers = {"Retry-After": str(RETRY_AFTER_S), **CLOSE}
-            await refuse(scope, receive, send_with_id, 503, detail, headers)
+            reply = send_with_id
+            if self.cors is not None:  # a page on another origin reads it (and its Retry-After) too
+                reply = partial(self.cors.send, send=send_with_id, request_headers=Headers(scope=scope))
+            await refuse(scope, receive, reply, 503, detail, headers)
         finally:
             seconds = perf_counter() - start
             self.metrics.in_flight.dec()

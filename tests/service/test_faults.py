@@ -8,6 +8,7 @@ headers and is inside the app, waiting for the rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import re
@@ -99,13 +100,14 @@ def ready_server(port: int, model_dir: Path, **env: str) -> Any:
 
 
 @pytest.mark.slow
-def test_sigterm_finishes_every_request_in_flight(model_dir: Path, free_port: int) -> None:
+@pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "Ctrl-C"])
+def test_a_stop_finishes_every_request_in_flight(model_dir: Path, free_port: int, stop_signal: int) -> None:
     process = ready_server(free_port, model_dir, VAE_DRAIN_TIMEOUT="20")
     try:
         body = decode_body()
         uploads = [start_upload(free_port, body) for _ in range(8)]
         time.sleep(0.5)  # the server has their headers: they are in flight
-        process.send_signal(signal.SIGTERM)
+        process.send_signal(stop_signal)
         deadline = time.monotonic() + SIGNAL_S
         while not refuses_connections(free_port):  # it stops accepting...
             assert time.monotonic() < deadline, "still accepting connections after SIGTERM"
@@ -119,12 +121,14 @@ def test_sigterm_finishes_every_request_in_flight(model_dir: Path, free_port: in
         assert process.wait(timeout=SIGNAL_S) == 0
     finally:
         output = stop(process)
-    assert "Application shutdown complete." in output
+    assert "Application shutdown complete." in output and "Traceback" not in output
 
 
-def _stalled_upload(app: Any) -> tuple[Any, list[dict[str, Any]]]:
+def _stalled_upload(app: Any, *headers: tuple[bytes, bytes]) -> tuple[Any, list[dict[str, Any]]]:
     """A coroutine that runs POST /decode on `app` with a body that never arrives, and what it sends."""
     sent: list[dict[str, Any]] = []
+    scope = decode_scope()
+    scope["headers"] = [*scope["headers"], *headers]
 
     async def never() -> dict[str, Any]:
         await asyncio.sleep(3600)
@@ -133,7 +137,7 @@ def _stalled_upload(app: Any) -> tuple[Any, list[dict[str, Any]]]:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    return app(decode_scope(), never, send), sent
+    return app(scope, never, send), sent
 
 
 @pytest.mark.parametrize("stopping", [False, True], ids=["running", "stopping"])
@@ -167,29 +171,55 @@ def test_a_cancelled_request_is_a_503_only_when_the_server_is_stopping(
         assert sent == []
 
 
-# SIGTERM arriving while `python -m service` imports uvicorn, the first of its slow imports.
-_SIGTERM_WHILE_IMPORTING = """
+def test_the_503_at_the_stop_carries_the_cors_headers(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It is answered outside the CORS middleware: without its headers a page on an allowed origin saw a
+    network error, and could not read Retry-After."""
+    monkeypatch.setattr(middleware.STOPPING, "is_set", lambda: True)
+    origin = "https://app.example"
+    app = create_app(settings.model_copy(update={"cors_origins": [origin]}))
+
+    async def cancelled() -> list[dict[str, Any]]:
+        async with app.router.lifespan_context(app) as state:
+            call, sent = _stalled_upload(with_state(app, state), (b"origin", origin.encode()))
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await call
+            return sent
+
+    start = asyncio.run(cancelled())[0]
+    headers = dict(start["headers"])
+    assert start["status"] == 503 and headers[b"access-control-allow-origin"] == origin.encode()
+    assert b"retry-after" in headers[b"access-control-expose-headers"].lower()
+
+
+# A signal arriving while `python -m service` imports uvicorn, the first of its slow imports.
+_SIGNAL_WHILE_IMPORTING = """
 import os, runpy, signal, sys
 def hook(event, args):
     if event == "import" and args[0] == "uvicorn":
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.{signal})
 sys.addaudithook(hook)
 sys.argv = ["python -m service"]
 runpy.run_module("service", run_name="__main__", alter_sys=True)
 """
 
 
-def test_sigterm_while_starting_exits_0(model_dir: Path) -> None:
-    """An orchestrator that stops a process it has just started sees it exit 0, not killed by the signal:
-    the handler is in place before the imports that take the first few tenths of a second."""
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_stop_while_starting_exits_0(model_dir: Path, stop: str) -> None:
+    """An orchestrator that stops a process it has just started, or a Ctrl-C, sees it exit 0, not killed by
+    the signal (nor a KeyboardInterrupt traceback): the handlers are in place before the imports that take
+    the first few tenths of a second."""
     result = subprocess.run(
-        [sys.executable, "-c", _SIGTERM_WHILE_IMPORTING],
+        [sys.executable, "-c", _SIGNAL_WHILE_IMPORTING.format(signal=stop)],
         env=service_env(model_dir),
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
 
 
 @pytest.mark.slow
