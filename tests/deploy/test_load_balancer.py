@@ -31,7 +31,7 @@ import pytest
 from tests.conftest import DEFAULT_MODEL, REPO
 from tests.deploy.compose import load
 from tests.deploy.dockerfile import parse
-from tests.deploy.nginx import CONF, loopback, main_config
+from tests.deploy.nginx import CONF, directives, loopback, main_config
 
 NGINX = shutil.which("nginx") or shutil.which("nginx", path="/usr/sbin:/usr/local/sbin")
 
@@ -303,6 +303,18 @@ def test_errors_of_the_balancer_itself_are_json(tmp_path: Path) -> None:
         too_large = request(port, "POST", "/encode", b"", content_length=str(16 * 1024 * 1024 + 1))
     assert none_up.status == 502 and "replica" in json.loads(none_up.body)["detail"]
     assert too_large.status == 413 and "client_max_body_size" in json.loads(too_large.body)["detail"]
+
+
+def test_a_client_that_never_finishes_its_headers_is_cut_off(lb: int) -> None:
+    """uvicorn would hold the connection open for as long as the client likes (slowloris); the balancer
+    closes it after client_header_timeout."""
+    (timeout,) = directives(CONF.read_text(), "client_header_timeout")
+    assert timeout == ["10s"]
+    with socket.create_connection(("127.0.0.1", lb), timeout=30) as sock:
+        start = time.monotonic()
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")  # and never the blank line
+        assert sock.recv(1024) == b""  # closed by the balancer, without an answer
+        assert 9 < time.monotonic() - start < 20
 
 
 def test_the_access_log_names_the_client_not_a_forged_forwarded_for(lb: int, replicas: Replicas) -> None:
