@@ -32,6 +32,7 @@ __all__ = [
     "KLResponse",
     "LogVariance",
     "ModelFile",
+    "Limits",
     "ModelInfo",
     "ReadyResponse",
     "ReconstructResponse",
@@ -241,6 +242,16 @@ class ModelFile(BaseModel):
     sha256: str
 
 
+class Limits(BaseModel):
+    """This server's limits on one request (its VAE_MAX_* settings), by which a client can split batches."""
+
+    max_images: int = Field(description="Images per request (VAE_MAX_IMAGES).")
+    max_latents: int = Field(description="Latents per request, and n of /sample (VAE_MAX_LATENTS).")
+    max_samples: int = Field(description="z draws per image: `samples` (VAE_MAX_SAMPLES).")
+    max_steps: int = Field(description="Images on an interpolation path: `steps` (VAE_MAX_STEPS).")
+    max_scale: int = Field(description="PNG upscaling: `scale` (VAE_MAX_SCALE).")
+
+
 class ModelInfo(BaseModel):
     """The loaded model: its card's essentials and how it runs here."""
 
@@ -257,6 +268,7 @@ class ModelInfo(BaseModel):
     files: dict[str, ModelFile] = Field(description="encoder and decoder.")
     metrics: TestMetrics
     dataset: DatasetInfo
+    limits: Limits
 
 
 class ErrorResponse(BaseModel):

@@ -148,6 +148,9 @@ function format(value, digits = 3) {
 
 function renderModel(model) {
   const [channels, height, width] = model.input_shape;
+  // The forms ask for no more than this server gives.
+  $("#n").max = String(model.limits.max_latents);
+  $("#steps").max = String(model.limits.max_steps);
   const metrics = model.metrics;
   const split = model.dataset.split;
   $("#model-summary").textContent =
@@ -269,8 +272,11 @@ function markSliderDims() {
 
 /** The dimensions whose mu varies most over decoded prior samples: the ones the decoder listens to. */
 async function findSliderDims() {
+  // As many as this server takes in one request (its VAE_MAX_IMAGES and VAE_MAX_LATENTS may be fewer).
+  const { max_images: maxImages, max_latents: maxLatents } = state.model.limits;
+  const count = Math.min(PROBE_COUNT, maxImages, maxLatents);
   await run($("#explorer-panel"), async () => {
-    const probe = await api("GET", "/sample", { query: { n: PROBE_COUNT, seed: PROBE_SEED, scale: 1 } });
+    const probe = await api("GET", "/sample", { query: { n: count, seed: PROBE_SEED, scale: 1 } });
     const { mu } = await api("POST", "/encode", { json: { images: probe.images } });
     const dims = mu[0].length;
     const variance = Array.from({ length: dims }, (_, d) => {
@@ -280,10 +286,10 @@ async function findSliderDims() {
     });
     const ranked = variance.map((v, d) => [v, d]).sort((a, b) => b[0] - a[0]);
     const active = ranked.filter(([v]) => v > ACTIVE_VARIANCE).length;
-    const count = clamp(active, Math.min(MIN_SLIDERS, dims), Math.min(MAX_SLIDERS, dims));
-    state.dims = ranked.slice(0, count).map(([, d]) => d);
+    const sliders = clamp(active, Math.min(MIN_SLIDERS, dims), Math.min(MAX_SLIDERS, dims));
+    state.dims = ranked.slice(0, sliders).map(([, d]) => d);
     $("#sliders-note").textContent =
-      `Sliders on the ${count} of ${dims} latent dimensions whose μ varies most over ${PROBE_COUNT} decoded ` +
+      `Sliders on the ${sliders} of ${dims} latent dimensions whose μ varies most over ${count} decoded ` +
       `prior samples (${active} vary by more than ${ACTIVE_VARIANCE}); the others keep their value.`;
     renderSliders();
     markSliderDims();

@@ -1,12 +1,12 @@
-"""GET /health, /ready, /model: liveness, readiness and what is loaded."""
+"""GET /health, /ready, /model: liveness, readiness, and what is loaded with this server's limits."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from service.api.deps import ModelDep, not_stalled
+from service.api.deps import ModelDep, SettingsDep, not_stalled
 from service.api.responses import NOT_READY, STALLED, error_responses
-from service.schemas import HealthResponse, ModelFile, ModelInfo, ReadyResponse
+from service.schemas import HealthResponse, Limits, ModelFile, ModelInfo, ReadyResponse
 
 __all__ = ["router"]
 
@@ -39,8 +39,9 @@ async def ready(request: Request, model: ModelDep) -> ReadyResponse:
 
 
 @router.get("/model", summary="The loaded model", response_model=ModelInfo, responses=error_responses(503))
-async def model_info(model: ModelDep) -> ModelInfo:
-    """The loaded model's card essentials, file hashes, test metrics and the provider running it."""
+async def model_info(model: ModelDep, settings: SettingsDep) -> ModelInfo:
+    """The loaded model's card essentials, file hashes, test metrics and the provider running it, and this
+    server's limits on a request."""
     card = model.card
     return ModelInfo(
         name=card.name,
@@ -59,4 +60,11 @@ async def model_info(model: ModelDep) -> ModelInfo:
         },
         metrics=card.metrics,
         dataset=card.dataset,
+        limits=Limits(
+            max_images=settings.max_images,
+            max_latents=settings.max_latents,
+            max_samples=settings.max_samples,
+            max_steps=settings.max_steps,
+            max_scale=settings.max_scale,
+        ),
     )

@@ -36,6 +36,13 @@ def test_model_summarises_the_card(client: TestClient, card: ModelCard) -> None:
     assert info.dataset == card.dataset
 
 
+def test_model_tells_this_servers_limits(settings: Settings) -> None:
+    """A client splits its batches by them; the playground sizes its requests by them."""
+    limits = {"max_images": 5, "max_latents": 20, "max_samples": 3, "max_steps": 9, "max_scale": 2}
+    with TestClient(create_app(Settings(**{**settings.model_dump(), **limits}))) as limited:
+        assert body(limited.get("/model"), ModelInfo).limits.model_dump() == limits
+
+
 def test_before_the_lifespan_only_health_answers(settings: Settings) -> None:
     client = TestClient(create_app(settings))  # not entered: the lifespan has not loaded the model
     assert client.get("/health").status_code == 200

@@ -266,6 +266,25 @@ def test_the_playground_in_chromium(model_dir: Path, free_port: int, tmp_path: P
 @pytest.mark.slow
 @pytest.mark.browser
 @browser_test
+def test_the_playground_keeps_within_the_servers_limits(model_dir: Path, free_port: int) -> None:
+    """With VAE_MAX_IMAGES below the 32 images the explorer probes, the probe was refused and the explorer
+    came up without sliders, and without a word: it now asks for as many as the server takes."""
+    console: list[tuple[str, str]] = []
+    with (
+        served(model_dir, free_port, VAE_MAX_IMAGES="8", VAE_MAX_LATENTS="20") as (base, _),
+        chromium(console) as page,
+    ):
+        page.goto(f"{base}/")
+        page.wait_for_function(SIXTEEN_SAMPLES)
+        page.locator("#sliders input[type=range]").first.wait_for()
+        assert "over 8 decoded prior samples" in page.inner_text("#sliders-note")
+        assert page.get_attribute("#n", "max") == "20"
+    assert console == []
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@browser_test
 def test_the_playground_with_api_keys(model_dir: Path, free_port: int) -> None:
     console: list[tuple[str, str]] = []
     with served(model_dir, free_port, VAE_API_KEYS=KEY) as (base, _), chromium(console) as page:
