@@ -250,6 +250,11 @@ class Limits(BaseModel):
     max_samples: int = Field(description="z draws per image: `samples` (VAE_MAX_SAMPLES).")
     max_steps: int = Field(description="Images on an interpolation path: `steps` (VAE_MAX_STEPS).")
     max_scale: int = Field(description="PNG upscaling: `scale` (VAE_MAX_SCALE).")
+    max_body_bytes: int = Field(description="Bytes of a request body (VAE_MAX_BODY_BYTES).")
+    max_image_pixels: int = Field(description="Pixels of one uploaded image (VAE_MAX_IMAGE_PIXELS).")
+    max_request_pixels: int = Field(
+        description="Pixels of a request's images together (VAE_MAX_REQUEST_PIXELS)."
+    )
 
 
 class ModelInfo(BaseModel):

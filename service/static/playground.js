@@ -272,12 +272,17 @@ function markSliderDims() {
 
 /** The dimensions whose mu varies most over decoded prior samples: the ones the decoder listens to. */
 async function findSliderDims() {
-  // As many as this server takes in one request (its VAE_MAX_IMAGES and VAE_MAX_LATENTS may be fewer).
+  // Within this server's limits: VAE_MAX_LATENTS is at least 16 (the default n); VAE_MAX_IMAGES may be 1,
+  // so the samples are encoded in as many requests as it takes.
   const { max_images: maxImages, max_latents: maxLatents } = state.model.limits;
-  const count = Math.min(PROBE_COUNT, maxImages, maxLatents);
+  const count = Math.min(PROBE_COUNT, maxLatents);
   await run($("#explorer-panel"), async () => {
     const probe = await api("GET", "/sample", { query: { n: count, seed: PROBE_SEED, scale: 1 } });
-    const { mu } = await api("POST", "/encode", { json: { images: probe.images } });
+    const mu = [];
+    for (let start = 0; start < count; start += maxImages) {
+      const images = probe.images.slice(start, start + maxImages);
+      mu.push(...(await api("POST", "/encode", { json: { images } })).mu);
+    }
     const dims = mu[0].length;
     const variance = Array.from({ length: dims }, (_, d) => {
       const values = mu.map((row) => row[d]);

@@ -66,5 +66,8 @@ async def model_info(model: ModelDep, settings: SettingsDep) -> ModelInfo:
             max_samples=settings.max_samples,
             max_steps=settings.max_steps,
             max_scale=settings.max_scale,
+            max_body_bytes=settings.max_body_bytes,
+            max_image_pixels=settings.max_image_pixels,
+            max_request_pixels=settings.max_request_pixels,
         ),
     )

@@ -38,7 +38,16 @@ def test_model_summarises_the_card(client: TestClient, card: ModelCard) -> None:
 
 def test_model_tells_this_servers_limits(settings: Settings) -> None:
     """A client splits its batches by them; the playground sizes its requests by them."""
-    limits = {"max_images": 5, "max_latents": 20, "max_samples": 3, "max_steps": 9, "max_scale": 2}
+    limits = {
+        "max_images": 5,
+        "max_latents": 20,
+        "max_samples": 3,
+        "max_steps": 9,
+        "max_scale": 2,
+        "max_body_bytes": 4096,
+        "max_image_pixels": 10_000,
+        "max_request_pixels": 20_000,
+    }
     with TestClient(create_app(Settings(**{**settings.model_dump(), **limits}))) as limited:
         assert body(limited.get("/model"), ModelInfo).limits.model_dump() == limits
 

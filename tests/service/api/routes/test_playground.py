@@ -268,17 +268,25 @@ def test_the_playground_in_chromium(model_dir: Path, free_port: int, tmp_path: P
 @browser_test
 def test_the_playground_keeps_within_the_servers_limits(model_dir: Path, free_port: int) -> None:
     """With VAE_MAX_IMAGES below the 32 images the explorer probes, the probe was refused and the explorer
-    came up without sliders, and without a word: it now asks for as many as the server takes."""
+    came up without sliders, and without a word: it now draws as many samples as VAE_MAX_LATENTS allows and
+    encodes them VAE_MAX_IMAGES at a time, and finds the same dimensions as with the default limits."""
     console: list[tuple[str, str]] = []
-    with (
-        served(model_dir, free_port, VAE_MAX_IMAGES="8", VAE_MAX_LATENTS="20") as (base, _),
-        chromium(console) as page,
-    ):
+    slider_ids = "inputs => inputs.map((i) => i.id)"
+    with served(model_dir, free_port) as (base, _), chromium(console) as page:
+        page.goto(f"{base}/")
+        page.locator("#sliders input[type=range]").first.wait_for()
+        default = page.eval_on_selector_all("#sliders input", slider_ids)
+    limits = {"VAE_MAX_IMAGES": "3", "VAE_MAX_LATENTS": "32"}
+    with served(model_dir, free_port, **limits) as (base, _), chromium(console) as page:
+        encodes: list[str] = []
+        page.on("request", lambda r: encodes.append(r.url) if r.url.startswith(f"{base}/encode") else None)
         page.goto(f"{base}/")
         page.wait_for_function(SIXTEEN_SAMPLES)
         page.locator("#sliders input[type=range]").first.wait_for()
-        assert "over 8 decoded prior samples" in page.inner_text("#sliders-note")
-        assert page.get_attribute("#n", "max") == "20"
+        assert "over 32 decoded prior samples" in page.inner_text("#sliders-note")
+        assert len(encodes) == 11  # 32 images, 3 a request
+        assert page.get_attribute("#n", "max") == "32"
+        assert page.eval_on_selector_all("#sliders input", slider_ids) == default
     assert console == []
 
 
