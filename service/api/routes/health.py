@@ -60,14 +60,5 @@ async def model_info(model: ModelDep, settings: SettingsDep) -> ModelInfo:
         },
         metrics=card.metrics,
         dataset=card.dataset,
-        limits=Limits(
-            max_images=settings.max_images,
-            max_latents=settings.max_latents,
-            max_samples=settings.max_samples,
-            max_steps=settings.max_steps,
-            max_scale=settings.max_scale,
-            max_body_bytes=settings.max_body_bytes,
-            max_image_pixels=settings.max_image_pixels,
-            max_request_pixels=settings.max_request_pixels,
-        ),
+        limits=Limits(**settings.model_dump(include=set(Limits.model_fields))),  # named as the settings
     )
