@@ -77,15 +77,11 @@ def _refuse_idle_flags(
             f"--threads {cfg.threads} is more than this machine's {os.cpu_count()} CPUs "
             "(--threads 0 takes torch's default)"
         )
-    if (
-        "test_fraction" in given
-        and cfg.dataset == "idx"
-        and cfg.data_dir is not None
-        and idx_test_file(Path(cfg.data_dir)) is not None
-    ):
+    own_test = idx_test_file(Path(cfg.data_dir)) if cfg.dataset == "idx" and cfg.data_dir else None
+    if "test_fraction" in given and own_test is not None:
         raise ValueError(
             f"--test-fraction holds out part of the training images as the test set; {cfg.data_dir} has "
-            f"test images of its own ({idx_test_file(Path(cfg.data_dir))}), which are the test set"
+            f"test images of its own ({own_test}), which are the test set"
         )
     if "data_dir" in given and cfg.dataset == "digits":
         raise ValueError("--data-dir is for the idx and folder datasets; digits is embedded")

@@ -69,14 +69,21 @@ def test_card_validates_against_committed_schema_and_hashes_match(tiny_run: Path
         assert b"site-packages" not in (tiny_model / name).read_bytes(), name
 
 
+def refused_and_nothing_written(tiny_run: Path, tmp_path: Path, message: str) -> None:
+    """Exporting `tiny_run` raises ExportError matching `message`, and leaves no model directory."""
+    out = tmp_path / "model"
+    with pytest.raises(ExportError, match=message):
+        export(tiny_run / "best.pt", out, iwae_samples=2)
+    assert not out.exists()
+
+
 def test_export_refuses_a_model_that_fails_parity(
     tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(export_module, "PARITY_TOLERANCE", -1.0)  # no graph can meet a negative tolerance
-    out = tmp_path / "model"
-    with pytest.raises(ExportError, match=r"encoder\.onnx: output mu at batch 1 differs from PyTorch"):
-        export(tiny_run / "best.pt", out, iwae_samples=2)
-    assert not out.exists()
+    refused_and_nothing_written(
+        tiny_run, tmp_path, r"encoder\.onnx: output mu at batch 1 differs from PyTorch"
+    )
 
 
 def test_export_refuses_outputs_that_are_nan_on_both_sides(
@@ -96,12 +103,9 @@ def test_export_refuses_outputs_that_are_nan_on_both_sides(
         return loaded_ckpt
 
     monkeypatch.setattr(export_module, "load_checkpoint", loaded)
-    out = tmp_path / "model"
-    with pytest.raises(
-        ExportError, match=r"decoder\.onnx: output x_mean at batch 1 holds NaN or infinite values"
-    ):
-        export(tiny_run / "best.pt", out, iwae_samples=2)
-    assert not out.exists()
+    refused_and_nothing_written(
+        tiny_run, tmp_path, r"decoder\.onnx: output x_mean at batch 1 holds NaN or infinite values"
+    )
 
 
 def test_export_refuses_a_decoder_off_by_1e_4_at_one_batch_size(
@@ -122,12 +126,9 @@ def test_export_refuses_a_decoder_off_by_1e_4_at_one_batch_size(
             return outputs
 
     monkeypatch.setattr(export_module.ort, "InferenceSession", OffAtBatch7)
-    out = tmp_path / "model"
-    with pytest.raises(
-        ExportError, match=r"^decoder\.onnx: output x_mean at batch 7 differs from PyTorch by 0\.0001 "
-    ):
-        export(tiny_run / "best.pt", out, iwae_samples=2)
-    assert not out.exists()
+    refused_and_nothing_written(
+        tiny_run, tmp_path, r"^decoder\.onnx: output x_mean at batch 7 differs from PyTorch by 0\.0001 "
+    )
 
 
 def test_export_says_nothing_of_torchvision(
