@@ -10,6 +10,7 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any, TypedDict
 from urllib.parse import unquote
 
@@ -17,9 +18,11 @@ from fastapi import FastAPI, Request, Response, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
+from starlette.types import Receive, Scope, Send
 
 from service import request_id
 from service.api import guards, openapi
@@ -61,15 +64,24 @@ class State(TypedDict):
     metrics: Metrics
 
 
-async def _internal_error(request: Request, error: Exception) -> Response:
+class _InternalError(NumpyJSONResponse):
     """An unexpected failure still answers JSON with a `detail` (`error` under /v2) and the request id to
-    find it in the log."""
-    rid = request_id.current() or request_id.generate()
-    return NumpyJSONResponse(
-        {error_key(request.url.path): "internal server error", "request_id": rid},
-        status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
-        headers={request_id.HEADER: rid},
-    )
+    find it in the log. Starlette's outermost middleware sends it, outside the CORS middleware: it adds the
+    CORS headers itself, so that a page on an allowed origin reads it instead of a network error."""
+
+    def __init__(self, request: Request, cors: guards.CORS | None) -> None:
+        rid = request_id.current() or request_id.generate()
+        super().__init__(
+            {error_key(request.url.path): "internal server error", "request_id": rid},
+            status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+            headers={request_id.HEADER: rid},
+        )
+        self.cors = cors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.cors is not None:
+            send = partial(self.cors.send, send=send, request_headers=Headers(scope=scope))
+        await super().__call__(scope, receive, send)
 
 
 async def _client_gone(request: Request, error: Exception) -> Response:
@@ -181,7 +193,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for router in ROUTERS:
         app.include_router(router)
-    app.add_exception_handler(Exception, _internal_error)
+    cors = guards.cors_headers(settings)
+
+    async def internal_error(request: Request, error: Exception) -> Response:
+        return _InternalError(request, cors)
+
+    app.add_exception_handler(Exception, internal_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(RequestValidationError, _invalid_request)
@@ -195,6 +212,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=metrics,
         routes=routes,
         log_requests=settings.access_log,
-        cors=guards.cors_headers(settings),
+        cors=cors,
     )
     return app

@@ -60,6 +60,21 @@ def test_a_failing_model_run_is_a_json_500_with_the_request_id(
         assert client.get("/sample?n=1").status_code == 200
 
 
+def test_the_500_carries_the_cors_headers(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Starlette's outermost middleware sends it, outside the CORS middleware: without the headers a page on
+    an allowed origin saw a network error instead of the request id to report."""
+    origin = "https://app.example"
+    app = create_app(settings.model_copy(update={"cors_origins": [origin]}))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        monkeypatch.setattr(Model, "run", lambda self, graph, tensor: 1 / 0)  # after the warm-up
+        given = client.get("/sample?n=1", headers={"Origin": origin})
+        assert given.status_code == 500 and given.headers["access-control-allow-origin"] == origin
+        assert "x-request-id" in given.headers["access-control-expose-headers"].lower()
+        assert given.json()["request_id"] == given.headers["x-request-id"]
+        elsewhere = client.get("/sample?n=1", headers={"Origin": "https://other.example"})
+        assert elsewhere.status_code == 500 and "access-control-allow-origin" not in elsewhere.headers
+
+
 def decode_body(rows: int = 4) -> bytes:
     return json.dumps({"latents": [[0.1 * i] * 16 for i in range(rows)]}).encode()
 
