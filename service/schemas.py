@@ -13,11 +13,13 @@ from datetime import datetime
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, WithJsonSchema
+from pydantic.config import JsonDict
 
 from service.model_card import DatasetInfo, InputSpec, TestMetrics
 
 __all__ = [
     "LATENT_DIM",
+    "MAX_ITEMS_SETTING",
     "DecodeRequest",
     "DecodeResponse",
     "EncodeResponse",
@@ -53,6 +55,10 @@ LogVarianceValue = Annotated[float, Strict(), Field(allow_inf_nan=False, ge=-_LO
 # The JSON-schema key of an array whose length is the loaded model's latent_dim: the served schema says
 # minItems and maxItems instead, once the model is loaded (`service.api.openapi`).
 LATENT_DIM = "x-latent-dim"
+# The JSON-schema key of an array whose most items is a setting (its name, `max_latents` or `max_images`):
+# the served schema says maxItems instead, the running server's value.
+MAX_ITEMS_SETTING = "x-max-items-setting"
+_AT_MOST_LATENTS: JsonDict = {MAX_ITEMS_SETTING: "max_latents"}
 Vector = Annotated[
     list[LatentValue],
     Field(
@@ -122,7 +128,11 @@ class ImagesRequest(_Request):
 
     model_config = ConfigDict(json_schema_extra={"examples": [{"images": [_EXAMPLE_PNG]}]})
 
-    images: list[ImageData] = Field(min_length=1, description="Image files in base64.")
+    images: list[ImageData] = Field(
+        min_length=1,
+        description="Image files in base64.",
+        json_schema_extra={MAX_ITEMS_SETTING: "max_images"},
+    )
 
 
 class DecodeRequest(_Request):
@@ -132,7 +142,7 @@ class DecodeRequest(_Request):
         json_schema_extra={"examples": [{"latents": [[0.0] * _D, [1.0, -1.0] * (_D // 2)]}]}
     )
 
-    latents: list[Vector] = Field(min_length=1)
+    latents: list[Vector] = Field(min_length=1, json_schema_extra=_AT_MOST_LATENTS)
 
 
 class GaussianParams(_Request):
@@ -159,8 +169,10 @@ class KLRequest(_Request):
         }
     )
 
-    mu: Vector | Annotated[list[Vector], Field(min_length=1)]
-    logvar: LogVariance | Annotated[list[LogVariance], Field(min_length=1)]
+    mu: Vector | Annotated[list[Vector], Field(min_length=1, json_schema_extra=_AT_MOST_LATENTS)]
+    logvar: (
+        LogVariance | Annotated[list[LogVariance], Field(min_length=1, json_schema_extra=_AT_MOST_LATENTS)]
+    )
     target: GaussianParams | None = Field(default=None, description="p in KL(q || p); N(0, I) when absent.")
 
 

@@ -26,7 +26,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service import imaging
 from service.model_card import InputSpec
-from service.schemas import ImagesRequest
+from service.schemas import MAX_ITEMS_SETTING, ImagesRequest
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -487,8 +487,11 @@ def latent_matrix(
     return np.asarray(vectors, dtype=np.float64).reshape(len(vectors), latent_dim)
 
 
-def request_body(model: type[BaseModel] | None, *, images: bool) -> dict[str, Any]:
-    """`openapi_extra` documenting what a route reads: `model` as JSON and/or multipart image files."""
+def request_body(
+    model: type[BaseModel] | None, *, images: bool, image_count: int | None = None
+) -> dict[str, Any]:
+    """`openapi_extra` documenting what a route reads: `model` as JSON and/or multipart image files, from 1 to
+    VAE_MAX_IMAGES of them, or exactly `image_count`."""
     content: dict[str, Any] = {}
     if model is not None:
         schema = _inline_refs(model.model_json_schema())
@@ -508,6 +511,11 @@ def request_body(model: type[BaseModel] | None, *, images: bool) -> dict[str, An
                         "type": "array",
                         "items": {"type": "string", "format": "binary"},
                         "description": "One part per image file (PNG, JPEG, ...; any mode Pillow reads).",
+                        **(
+                            {"minItems": 1, MAX_ITEMS_SETTING: "max_images"}
+                            if image_count is None
+                            else {"minItems": image_count, "maxItems": image_count}
+                        ),
                     }
                 },
             },

@@ -2,8 +2,9 @@
 model's latent_dim.
 
 The routes' schemas are written when their modules are imported, before there are settings or a model: a
-bound that comes from either is a marker there, `MAXIMUM_SETTING` on a query option and `LATENT_DIM` on a
-latent vector. The schema served has them replaced: `maximum` is the setting's value, and a latent's
+bound that comes from either is a marker there: `MAXIMUM_SETTING` on a query option, `MAX_ITEMS_SETTING` on a
+list of latents or images and `LATENT_DIM` on a latent vector. The schema served has them replaced: `maximum`
+and `maxItems` are the setting's value, and a latent's
 `minItems` and `maxItems` are the model's latent_dim once the lifespan has loaded it (`describe_model`;
 before, its length is left open). Without them, clients generated from the schema, and schemathesis, send
 values the routes refuse.
@@ -17,7 +18,7 @@ from fastapi import FastAPI
 
 from service.api.options import MAXIMUM_SETTING
 from service.config import Settings
-from service.schemas import LATENT_DIM
+from service.schemas import LATENT_DIM, MAX_ITEMS_SETTING
 
 __all__ = ["describe_model", "install"]
 
@@ -46,6 +47,9 @@ def _replace_markers(node: Any, settings: Settings, latent_dim: int | None) -> N
         setting = node.pop(MAXIMUM_SETTING, None)
         if setting is not None:
             node["maximum"] = getattr(settings, setting)
+        setting = node.pop(MAX_ITEMS_SETTING, None)
+        if setting is not None:
+            node["maxItems"] = getattr(settings, setting)
         if node.pop(LATENT_DIM, False) and latent_dim is not None:
             node["minItems"] = node["maxItems"] = latent_dim
         for value in node.values():

@@ -31,7 +31,8 @@ router = APIRouter(tags=["interpolate"])
     summary="Interpolate between latents or images",
     response_model=InterpolateResponse,
     responses={**IMAGE_OUTPUT, **error_responses(400, 415, 422)},
-    openapi_extra=request_body(InterpolateRequest, images=True) | parameters(InterpolateOptions),
+    openapi_extra=request_body(InterpolateRequest, images=True, image_count=2)
+    | parameters(InterpolateOptions),
 )
 async def interpolate(request: Request) -> Response:
     """Decode `steps` latents from start to end: JSON `latents` [start, end], or two multipart images."""

@@ -11,10 +11,10 @@ from service.api.options import MAXIMUM_SETTING
 from service.config import Settings
 from service.main import create_app
 from service.model_card import ModelCard
-from service.schemas import LATENT_DIM
+from service.schemas import LATENT_DIM, MAX_ITEMS_SETTING
 
 # Valid settings, none of them the default: a maximum that is documented is this server's.
-BOUNDS = {"max_latents": 20, "max_samples": 5, "max_steps": 12, "max_scale": 3}
+BOUNDS = {"max_latents": 20, "max_images": 7, "max_samples": 5, "max_steps": 12, "max_scale": 3}
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +80,31 @@ def test_an_option_bounded_by_a_setting_documents_its_value(
     assert schema["minimum"] in (0, 1, 2)
 
 
+def multipart_files(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    content = schema["paths"][path]["post"]["requestBody"]["content"]
+    found: dict[str, Any] = content["multipart/form-data"]["schema"]["properties"]["files"]
+    return found
+
+
+def test_lists_of_latents_and_images_document_the_most_a_request_takes(bounded: TestClient) -> None:
+    """A client generated from the schema splits its batches by maxItems instead of learning it from 422s."""
+    schema = bounded.get("/openapi.json").json()
+    kl = body(schema, "/kl")["properties"]
+    lists = {
+        "decode latents": (body(schema, "/decode")["properties"]["latents"], 1, BOUNDS["max_latents"]),
+        "kl mu batch": (kl["mu"]["anyOf"][1], 1, BOUNDS["max_latents"]),
+        "kl logvar batch": (kl["logvar"]["anyOf"][1], 1, BOUNDS["max_latents"]),
+        "interpolate latents": (body(schema, "/interpolate")["properties"]["latents"], 2, 2),
+        "interpolate files": (multipart_files(schema, "/interpolate"), 2, 2),
+    }
+    for path in ("/encode", "/reconstruct"):
+        lists[f"{path} images"] = (body(schema, path)["properties"]["images"], 1, BOUNDS["max_images"])
+    for path in ("/encode", "/reconstruct", "/kl"):
+        lists[f"{path} files"] = (multipart_files(schema, path), 1, BOUNDS["max_images"])
+    for where, (array, least, most) in lists.items():
+        assert (array["type"], array["minItems"], array["maxItems"]) == ("array", least, most), where
+
+
 @pytest.mark.parametrize(("path", "method"), [("/sample", "get"), ("/encode", "post")])
 def test_seed_is_documented_as_what_a_query_can_carry(client: TestClient, path: str, method: str) -> None:
     """`?seed=null` and `?seed=` are 422s: null is not a value to document (leaving seed out is)."""
@@ -112,5 +137,7 @@ def test_a_schema_built_before_the_model_loads_is_built_again(settings: Settings
 
 def test_no_marker_is_served(client: TestClient, bounded: TestClient) -> None:
     for app_client in (client, bounded, client):  # asked again: the schema is the same
-        assert not {MAXIMUM_SETTING, LATENT_DIM} & keys(app_client.get("/openapi.json").json())
+        assert not {MAXIMUM_SETTING, MAX_ITEMS_SETTING, LATENT_DIM} & keys(
+            app_client.get("/openapi.json").json()
+        )
     assert client.get("/openapi.json").json() == client.get("/openapi.json").json()
