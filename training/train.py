@@ -247,6 +247,26 @@ def train(
         return _train(model_cfg, cfg, out, ctx, resume=resume, progress=progress, splits=splits)
 
 
+def _build(model_cfg: VAEConfig, device: torch.device) -> VAE:
+    """The model on `device`, or a ValueError naming its sizes when its weights cannot be allocated there
+    (`--hidden 5000000` for `--hidden 500`): torch's allocators fail with a RuntimeError and a traceback."""
+    try:
+        return VAE(model_cfg).to(device)
+    except (MemoryError, RuntimeError) as error:
+        out_of_memory = isinstance(error, (MemoryError, torch.OutOfMemoryError))
+        if not (out_of_memory or "can't allocate memory" in str(error)):  # the CPU allocator's words
+            raise
+        if model_cfg.architecture == "mlp":
+            sizes = f"--hidden {' '.join(map(str, model_cfg.hidden))}"
+        else:
+            channels = " ".join(map(str, model_cfg.conv_channels))
+            sizes = f"--conv-channels {channels} --conv-dense {model_cfg.conv_dense}"
+        raise ValueError(
+            f"the model's weights do not fit in {device.type} memory with {sizes} and --latent-dim "
+            f"{model_cfg.latent_dim} ({str(error).splitlines()[0]})"
+        ) from None
+
+
 def _train(
     model_cfg: VAEConfig,
     cfg: TrainConfig,
@@ -286,7 +306,7 @@ def _train(
     )
     rank_batch = cfg.batch_size // ctx.world_size
 
-    model = VAE(model_cfg).to(ctx.device)
+    model = _build(model_cfg, ctx.device)
     trained: nn.Module = model if ctx.world_size == 1 else DistributedDataParallel(model)
     # The averaged weights are the ones validated, checkpointed and exported.
     ema = None

@@ -187,6 +187,28 @@ def test_bad_settings_are_named_before_anything_runs(
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--hidden", "2000000000"], "--hidden 2000000000 and --latent-dim 16"),
+        (
+            ["--architecture", "conv", "--conv-channels", "4", "--conv-dense", "2000000000"],
+            "--conv-channels 4 --conv-dense 2000000000",
+        ),
+    ],
+    ids=["mlp", "conv"],
+)
+def test_a_model_too_large_for_memory_is_named_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], flags: list[str], named: str
+) -> None:
+    """A typo of a few zeros: torch's allocator refuses its hundreds of gigabytes at once, before any
+    weight is written."""
+    assert main(["train", "--out", str(tmp_path / "run"), "--epochs", "1", *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"error: the model's weights do not fit in cpu memory with {named}" in err
+    assert "Traceback" not in err
+
+
 def test_test_fraction_is_refused_where_the_idx_data_has_its_own_test_file(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
