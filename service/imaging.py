@@ -431,7 +431,9 @@ def to_pngs(images: npt.NDArray[np.floating], scale: int = 1) -> list[bytes]:
     Written directly (signature, IHDR, one IDAT, IEND) rather than through Pillow, which costs more per
     image than everything else a request of small images does. Small images are stored uncompressed.
     """
-    levels = (np.clip(images, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    # In double: float32 values rounded once to the nearest level (in float32, v * 255 + 0.5 rounds twice,
+    # and values just below a half level went one level up).
+    levels = (np.clip(images.astype(np.float64), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
     if scale > 1:
         levels = levels.repeat(scale, axis=2).repeat(scale, axis=3)
     n, c, h, w = levels.shape

@@ -414,6 +414,15 @@ def test_png_round_trip_is_exact_to_one_level() -> None:
     np.testing.assert_array_equal(decoded(to_png(x)), RAMP)
 
 
+def test_each_float32_value_goes_to_its_nearest_level() -> None:
+    """Values on either side of each half level (k + 0.5) / 255, the ones a rounding in float32 moved."""
+    halves = ((np.arange(255) + 0.5) / 255).astype(np.float32)
+    values = np.concatenate([np.nextafter(halves, 0), halves, np.nextafter(halves, 1)]).astype(np.float32)
+    nearest = np.floor(values.astype(np.float64) * 255 + 0.5)  # exact: a float32 times 255 fits in a double
+    out = decoded(to_png(values.reshape(1, 1, -1)))
+    np.testing.assert_array_equal(out[0], nearest)
+
+
 def test_scale_repeats_each_pixel() -> None:
     x = (RAMP / 255.0)[None]
     big = decoded(to_png(x, scale=3))
