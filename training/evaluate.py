@@ -13,6 +13,10 @@ from training.model import VAE, DiagonalGaussian
 
 __all__ = ["Metrics", "active_units", "evaluate", "iwae_nll"]
 
+# The importance draws' seed is the run's seed plus this: seeds are below 2^32, so no run's one-sample
+# stream is another run's importance stream.
+_IMPORTANCE_STREAM = 2**32
+
 
 @dataclass(frozen=True)
 class Metrics:
@@ -59,14 +63,16 @@ def evaluate(model: VAE, images: Tensor, *, k: int = 1000, seed: int = 0, batch_
     """All test metrics of `model` on `images` (N, C, H, W); the model is put back in its mode after."""
     was_training = model.training
     model.eval()
-    generator = torch.Generator().manual_seed(seed)
+    # Each estimate draws from a stream of its own, so that the one-sample figure does not depend on k.
+    one_sample = torch.Generator().manual_seed(seed)
+    importance = torch.Generator().manual_seed(seed + _IMPORTANCE_STREAM)
     recon_sum, kl_sum, iwae_sum = 0.0, 0.0, 0.0
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]
-        recon, kl = model(x, generator)
+        recon, kl = model(x, one_sample)
         recon_sum += float(recon.sum())
         kl_sum += float(kl.sum())
-        iwae_sum += float(iwae_nll(model, x, k, generator).sum())
+        iwae_sum += float(iwae_nll(model, x, k, importance).sum())
     units = active_units(model, images)
     model.train(was_training)
     n = len(images)

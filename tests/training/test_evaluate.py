@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from training.evaluate import active_units, iwae_nll
+from training.evaluate import active_units, evaluate, iwae_nll
 from training.model import VAE, DiagonalGaussian, VAEConfig
 
 
@@ -35,3 +35,13 @@ def test_active_units_count_the_dimensions_whose_posterior_mean_varies_over_the_
     logvar = torch.tensor([[-1.0, -1.0, 0.0], [1.0, 1.0, 0.0]])  # variances 2, 2, 0
     model = SimpleNamespace(posterior=lambda x: DiagonalGaussian(mu, logvar))
     assert active_units(model, torch.zeros((2, 1, 8, 8))) == 1  # type: ignore[arg-type]
+
+
+def test_the_one_sample_figures_do_not_depend_on_the_importance_samples() -> None:
+    """The card's one-sample negative ELBO is what `evaluate --iwae-samples 1` reports for the same model
+    and seed, over several batches (the draws of one estimate do not shift the other's)."""
+    model = VAE(VAEConfig(hidden=[8], latent_dim=3))
+    images = torch.rand((10, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    few, many = (evaluate(model, images, k=k, seed=3, batch_size=4) for k in (1, 50))
+    assert (few.neg_elbo, few.reconstruction, few.kl) == (many.neg_elbo, many.reconstruction, many.kl)
+    assert few.iwae_nll != many.iwae_nll
