@@ -47,6 +47,14 @@ class Context:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return [float(v) for v in tensor.tolist()]
 
+    def average(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` averaged over all ranks (itself in a single process); every rank must call it."""
+        if self.world_size == 1:
+            return tensor
+        total = tensor.clone()
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        return total / self.world_size
+
     def gather(self, tensor: torch.Tensor) -> list[torch.Tensor]:
         """Every rank's `tensor` (same shape on each), in rank order."""
         if self.world_size == 1:

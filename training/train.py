@@ -198,11 +198,18 @@ def load_splits(cfg: TrainConfig) -> Splits:
     return Splits(train, val, test, dataset.source, dataset.sha256)
 
 
-def objective(recon: Tensor, kl: Tensor, beta: float, free_bits: float) -> Tensor:
-    """Mean over the batch of recon + beta * KL, the KL of each dimension floored at `free_bits`."""
+def objective(recon: Tensor, kl: Tensor, beta: float, free_bits: float, ctx: Context | None = None) -> Tensor:
+    """Mean over the batch of recon + beta * KL, the KL of each dimension floored at `free_bits`.
+
+    Under torchrun this process holds a share of the batch and DDP averages the shares' gradients: whether a
+    dimension is at its floor is decided on the whole batch's mean KL (averaged over `ctx`'s ranks), so that
+    it is on every share or none, and the step is the one a single process takes on the whole batch.
+    """
     kl_per_dim = kl.mean(0)  # (B, D) -> (D,)
     if free_bits > 0:
-        kl_per_dim = kl_per_dim.clamp(min=free_bits)
+        batch_kl = kl_per_dim.detach() if ctx is None else ctx.average(kl_per_dim.detach())
+        # clamp(min=free_bits) of the whole batch's KL: its gradient where it is at or above the floor.
+        kl_per_dim = torch.where(batch_kl >= free_bits, kl_per_dim, free_bits)
     return recon.mean() + beta * kl_per_dim.sum()
 
 
@@ -367,7 +374,7 @@ def _train(
             beta = cfg.beta * min(1.0, progress_epochs / cfg.warmup_epochs) if cfg.warmup_epochs else cfg.beta
             batch = x_train[order[step * rank_batch : (step + 1) * rank_batch]]
             recon, kl = trained(batch, generator)
-            loss = objective(recon, kl, beta, cfg.free_bits)
+            loss = objective(recon, kl, beta, cfg.free_bits, ctx)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()

@@ -37,6 +37,35 @@ def test_free_bits_floor_each_dimensions_batch_mean_kl_not_each_images() -> None
     assert float(objective(recon, kl, beta=0.5, free_bits=0.6)) == pytest.approx(15.0 + 0.6)
 
 
+class _Ranks:
+    """`Context.average` where the ranks together hold `batch`: the whole batch's mean KL per dimension."""
+
+    def __init__(self, batch: torch.Tensor) -> None:
+        self.mean = batch.mean(0)
+
+    def average(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self.mean
+
+
+def test_free_bits_over_processes_take_the_step_of_one_process() -> None:
+    """Under torchrun each process floors the mean KL of the whole batch, not of its share: DDP's average of
+    the shares' gradients is then the gradient of one process on the whole batch. Dimension 0's batch mean
+    (0.45) is above the floor, though the second share's alone (0.05) is below it."""
+    kl = torch.tensor([[0.9, 0.1], [0.8, 0.1], [0.05, 0.1], [0.05, 0.1]], requires_grad=True)
+    recon = torch.zeros(4)
+    objective(recon, kl, beta=1.0, free_bits=0.4).backward()  # type: ignore[no-untyped-call]
+    one_process = kl.grad.clone()  # type: ignore[union-attr]
+    shares, ranks = [], _Ranks(kl.detach())
+    for rows in (slice(0, 2), slice(2, 4)):
+        share = kl.detach()[rows].clone().requires_grad_()
+        objective(recon[rows], share, beta=1.0, free_bits=0.4, ctx=ranks).backward()  # type: ignore[arg-type, no-untyped-call]
+        assert share.grad is not None
+        shares.append(share.grad)
+    ddp = torch.cat(shares) / 2  # each share's gradient, averaged over the two processes
+    torch.testing.assert_close(ddp, one_process)
+    assert ddp[:, 0].tolist() == [0.25] * 4 and ddp[:, 1].tolist() == [0.0] * 4
+
+
 def test_checkpoint_rebuilds_the_model_and_history(tiny_run: Path) -> None:
     ckpt = load_checkpoint(tiny_run / "best.pt")
     assert ckpt.config["latent_dim"] == 3 and ckpt.config["hidden"] == [32]
@@ -287,9 +316,11 @@ def test_the_kl_weight_rises_linearly_at_every_step_of_the_warm_up(
     1258 training images in batches of 420 make three steps an epoch."""
     betas: list[float] = []
 
-    def recorded(recon: torch.Tensor, kl: torch.Tensor, beta: float, free_bits: float) -> torch.Tensor:
+    def recorded(
+        recon: torch.Tensor, kl: torch.Tensor, beta: float, free_bits: float, ctx: Any
+    ) -> torch.Tensor:
         betas.append(beta)
-        return objective(recon, kl, beta, free_bits)
+        return objective(recon, kl, beta, free_bits, ctx)
 
     monkeypatch.setattr(train_module, "objective", recorded)
     args = ["--epochs", "3", "--warmup-epochs", "2", "--beta", "2", "--batch-size", "420", "--no-progress"]
