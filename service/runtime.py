@@ -57,7 +57,7 @@ RunObserver = Callable[[Graph, int, float], None]
 # The fixed ONNX interface (training/export.py writes it; the card repeats it): input and output names.
 _INTERFACE: dict[Graph, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "encoder": (("x",), ("mu", "logvar")),
-    "decoder": (("z",), ("x_mean",)),
+    "decoder": (("z",), ("x_mean", "logits")),
 }
 # The CUDA provider's options (ONNX Runtime's defaults otherwise), measured by bench/cuda.py. Full float32
 # in matrix products: TF32 would round their inputs to 10 bits, putting CUDA's answers ~1e-3 from the
@@ -307,7 +307,7 @@ class Model:
 
     def decode(self, latents: npt.NDArray[np.floating]) -> Floats:
         """(N, D) latents -> (N, C, H, W) Bernoulli means in [0, 1]; runs on the caller's thread."""
-        (x_mean,) = self.run("decoder", np.ascontiguousarray(latents, dtype=np.float32))
+        x_mean, _ = self.run("decoder", np.ascontiguousarray(latents, dtype=np.float32))
         return x_mean
 
     async def encode_async(self, images: Floats) -> tuple[Floats, Floats]:
@@ -317,8 +317,14 @@ class Model:
 
     async def decode_async(self, latents: npt.NDArray[np.floating]) -> Floats:
         """`decode` for request handlers: off the event loop and coalesced when batching is on."""
-        (x_mean,) = await self.infer("decoder", np.ascontiguousarray(latents, dtype=np.float32))
+        x_mean, _ = await self.decode_logits_async(latents)
         return x_mean
+
+    async def decode_logits_async(self, latents: npt.NDArray[np.floating]) -> tuple[Floats, Floats]:
+        """`decode_async`, with the Bernoulli logits (N, C, H, W) beside the means: -log p(x|z) is exact
+        from them where float32 means have rounded to 0 or 1."""
+        x_mean, logits = await self.infer("decoder", np.ascontiguousarray(latents, dtype=np.float32))
+        return x_mean, logits
 
     def stalled(self, after: float, graph: Graph | None = None) -> str | None:
         """Why requests of `graph` (default: of either) can no longer be answered (see `Batcher.stalled`), or
@@ -486,7 +492,7 @@ def _check_card(card: ModelCard) -> None:
     latent = [None, card.latent_dim]
     expected: dict[Graph, tuple[OnnxFile, list[list[int | None]], list[list[int | None]]]] = {
         "encoder": (card.encoder, [image], [latent, latent]),
-        "decoder": (card.decoder, [latent], [image]),
+        "decoder": (card.decoder, [latent], [image, image]),
     }
     for graph, (spec, input_shapes, output_shapes) in expected.items():
         input_names, output_names = _INTERFACE[graph]
@@ -514,13 +520,14 @@ def _warm_up(model: Model) -> None:
     d = model.latent_dim
     try:
         mu, logvar = model.encode(np.zeros((_WARMUP_BATCH, c, h, w), dtype=np.float32))
-        x_mean = model.decode(np.zeros((_WARMUP_BATCH, d), dtype=np.float32))
+        x_mean, logits = model.run("decoder", np.zeros((_WARMUP_BATCH, d), dtype=np.float32))
     except Exception as error:  # an ONNX Runtime failure on the warm-up is a startup failure
         raise ModelError(f"warm-up run failed: {error}") from error
     for name, array, shape in (
         ("mu", mu, (_WARMUP_BATCH, d)),
         ("logvar", logvar, (_WARMUP_BATCH, d)),
         ("x_mean", x_mean, (_WARMUP_BATCH, c, h, w)),
+        ("logits", logits, (_WARMUP_BATCH, c, h, w)),
     ):
         if array.shape != shape:
             raise ModelError(f"warm-up: {name} has shape {array.shape}, the model card implies {shape}")

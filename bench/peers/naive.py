@@ -92,7 +92,7 @@ def _check_parity(
     onnx_encoder = ort.InferenceSession(str(model_dir / card["encoder"]["file"]), providers=cpu)
     onnx_decoder = ort.InferenceSession(str(model_dir / card["decoder"]["file"]), providers=cpu)
     mu, _ = onnx_encoder.run(None, {"x": x})
-    (x_mean,) = onnx_decoder.run(None, {"z": z})
+    (x_mean,) = onnx_decoder.run(["x_mean"], {"z": z})
     torch_mu, _ = encoder(torch.from_numpy(x))
     np.testing.assert_allclose(torch_mu.numpy(), mu, atol=PARITY_ATOL)
     np.testing.assert_allclose(decoder(torch.from_numpy(z)).numpy(), x_mean, atol=PARITY_ATOL)

@@ -172,7 +172,8 @@ def test_card_input_size_that_disagrees_with_the_graph(model_copy: Path, card: M
     def taller(raw: dict[str, Any]) -> None:
         raw["input"]["height"] = h + 1
         raw["encoder"]["inputs"][0]["shape"] = [None, c, h + 1, w]
-        raw["decoder"]["outputs"][0]["shape"] = [None, c, h + 1, w]
+        for tensor in raw["decoder"]["outputs"]:  # x_mean and logits
+            tensor["shape"] = [None, c, h + 1, w]
 
     edit_card(model_copy, taller)
     with pytest.raises(

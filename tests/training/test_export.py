@@ -19,6 +19,7 @@ from PIL import Image
 from service.model_card import load_card, sha256_file
 from tests.conftest import SCHEMA
 from training import export as export_module
+from training.__main__ import main
 from training.export import PARITY_BATCHES, ExportError, export
 from training.model import VAE, VAEConfig
 from training.plots import PLOTS, write_plots
@@ -36,13 +37,16 @@ def test_onnx_matches_pytorch(tiny_run: Path, tiny_model: Path, batch: int) -> N
     x = torch.rand((batch, 1, 8, 8), generator=g)
     z = 2 * torch.randn((batch, 3), generator=g)
     mu, logvar = _session(tiny_model / "encoder.onnx").run(["mu", "logvar"], {"x": x.numpy()})
-    (x_mean,) = _session(tiny_model / "decoder.onnx").run(["x_mean"], {"z": z.numpy()})
+    x_mean, logits = _session(tiny_model / "decoder.onnx").run(["x_mean", "logits"], {"z": z.numpy()})
     with torch.no_grad():
         want_mu, want_logvar = model.encoder(x)
-        want_x = model.decoder(z)
+        want_x, want_logits = model.decoder(z), model.decoder.logits(z)
     # The export itself refuses anything above 1e-5; a few float32 ulps is what a faithful graph shows.
     for have, want in [(mu, want_mu), (logvar, want_logvar), (x_mean, want_x)]:
         torch.testing.assert_close(torch.from_numpy(have), want, rtol=0, atol=1e-5)
+    # Logits reach beyond 1, where the export compares them relative to their size.
+    torch.testing.assert_close(torch.from_numpy(logits), want_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.sigmoid(torch.from_numpy(logits)), want_x, rtol=0, atol=1e-5)
 
 
 def test_card_validates_against_committed_schema_and_hashes_match(tiny_run: Path, tiny_model: Path) -> None:
@@ -77,6 +81,17 @@ def refused_and_nothing_written(tiny_run: Path, tmp_path: Path, message: str) ->
     assert not out.exists()
 
 
+def test_the_cli_names_a_refused_export_without_a_traceback(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(export_module, "PARITY_TOLERANCE", -1.0)  # no graph can meet a negative tolerance
+    out = tmp_path / "model"
+    assert main(["export", "--checkpoint", str(tiny_run / "best.pt"), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "error: encoder.onnx: output mu at batch 1 differs from PyTorch" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_export_refuses_a_model_that_fails_parity(
     tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -108,11 +123,24 @@ def test_export_refuses_outputs_that_are_nan_on_both_sides(
     )
 
 
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        (0, r"^decoder\.onnx: output x_mean at batch 7 differs from PyTorch by 0\.0001 "),
+        (
+            1,
+            r"^decoder\.onnx: output logits at batch 7 differs from PyTorch by 0\.0001 "
+            r"of max\(1, \|value\|\) ",
+        ),
+    ],
+    ids=["x_mean", "logits"],
+)
 def test_export_refuses_a_decoder_off_by_1e_4_at_one_batch_size(
-    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, output: int, message: str
 ) -> None:
     """Parity is checked for the decoder as for the encoder, at every batch size, to 1e-5: one pixel of
-    decoder.onnx off by 1e-4 at batch 7 alone is enough for nothing to be written."""
+    decoder.onnx off by 1e-4 at batch 7 alone is enough for nothing to be written (logits, which reach tens,
+    to 1e-5 of their size beyond 1)."""
 
     class OffAtBatch7(ort.InferenceSession):
         def __init__(self, path: str, *args: Any, **kwargs: Any) -> None:
@@ -122,13 +150,12 @@ def test_export_refuses_a_decoder_off_by_1e_4_at_one_batch_size(
         def run(self, output_names: Any, input_feed: dict[str, np.ndarray], *args: Any) -> Any:
             outputs = super().run(output_names, input_feed, *args)
             if self.decoder and len(next(iter(input_feed.values()))) == 7:
-                outputs[0][3, 0, 2, 5] += 1e-4
+                value = outputs[output][3, 0, 2, 5]
+                outputs[output][3, 0, 2, 5] += 1e-4 * max(1.0, abs(float(value)))
             return outputs
 
     monkeypatch.setattr(export_module.ort, "InferenceSession", OffAtBatch7)
-    refused_and_nothing_written(
-        tiny_run, tmp_path, r"^decoder\.onnx: output x_mean at batch 7 differs from PyTorch by 0\.0001 "
-    )
+    refused_and_nothing_written(tiny_run, tmp_path, message)
 
 
 def test_export_says_nothing_of_torchvision(

@@ -35,8 +35,8 @@ async def reconstruct(request: Request) -> Response:
         )
     images = await read_images(request, model, settings, invert=options.invert)
     mu, _ = await model.encode_async(images)
-    x_mean = await model.decode_async(mu)
-    fields: dict[str, Any] = {"reconstruction": bernoulli_nll(images, x_mean)}
+    x_mean, logits = await model.decode_logits_async(mu)
+    fields: dict[str, Any] = {"reconstruction": bernoulli_nll(images, logits)}
     if options.inputs and image_format in ("png", "array"):
         fields["inputs"] = rendered_images(images, image_format, scale)
     return images_response(x_mean, image_format, scale, **fields)

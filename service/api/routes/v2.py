@@ -266,7 +266,7 @@ async def server_ready(request: Request, model: ModelDep) -> ServerReady:
     responses=_errors(404, 503),
 )
 async def model_metadata(model_name: str, model: ModelDep) -> ModelMetadata:
-    """The inputs and outputs of `encoder` (x -> mu, logvar) or `decoder` (z -> x_mean)."""
+    """The inputs and outputs of `encoder` (x -> mu, logvar) or `decoder` (z -> x_mean, logits)."""
     graph = _graph(model, model_name)
     return ModelMetadata(
         name=model_name,
@@ -346,11 +346,11 @@ async def infer(
         )
     outputs = _requested_outputs(query, graph, model_name)
     if model_name == "encoder":
-        mu_logvar = await model.encode_async(tensor)
-        results = dict(zip((spec.name for spec in graph.outputs), mu_logvar, strict=True))
+        results = await model.encode_async(tensor)
     else:
-        results = {graph.outputs[0].name: await model.decode_async(tensor)}
-    return _respond(model_name, query.id, [(name, results[name], as_binary) for name, as_binary in outputs])
+        results = await model.decode_logits_async(tensor)
+    named = dict(zip((spec.name for spec in graph.outputs), results, strict=True))
+    return _respond(model_name, query.id, [(name, named[name], as_binary) for name, as_binary in outputs])
 
 
 # The protocol's versioned paths, answered (not offered, so left out of the OpenAPI schema) so that a client

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,6 +32,27 @@ def test_loss_is_the_bernoulli_nll_of_the_input(client: TestClient, card: ModelC
     np.testing.assert_allclose(
         result.reconstruction, torch_bce(x[:, None], np.asarray(result.images)), rtol=1e-5
     )
+
+
+def test_loss_is_exact_where_the_decoder_is_certain(
+    client: TestClient, model_dir: Path, card: ModelCard
+) -> None:
+    """A horizontal bar, unlike any digit: the decoder is certain of pixels it gets wrong, with logits past
+    where float32 means round to 0 or 1. Each costs |logit| times its error (the logits' cross-entropy, as
+    the model card's term), where the means' log(0), clamped at -100, charged 100 times it."""
+    bar = np.zeros((8, 8), np.uint8)
+    bar[3:5, :] = 255
+    x = (bar / 255.0)[None, None]
+    result = body(client.post("/reconstruct", files=files(png(bar))), ReconstructResponse)
+    (mu,) = body(client.post("/encode", files=files(png(bar))), EncodeResponse).mu
+    decoder = ort.InferenceSession(str(model_dir / card.decoder.file), providers=["CPUExecutionProvider"])
+    x_mean, logits = decoder.run(["x_mean", "logits"], {"z": np.asarray([mu], np.float32)})
+    assert np.abs(logits).max() > 17  # where float32 sigmoids are 0 or 1
+    want = F.binary_cross_entropy_with_logits(
+        torch.from_numpy(logits.astype(np.float64)), torch.from_numpy(x), reduction="sum"
+    )
+    assert result.reconstruction[0] == pytest.approx(float(want), rel=1e-6)
+    assert torch_bce(x, x_mean)[0] > float(want) + 10  # what the means alone gave
 
 
 def test_reconstruction_is_decode_of_mu(client: TestClient) -> None:

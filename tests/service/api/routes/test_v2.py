@@ -87,7 +87,10 @@ def test_model_metadata_follows_the_card(client: TestClient, card: ModelCard) ->
     }
     decoder = client.get("/v2/models/decoder").json()
     assert decoder["inputs"] == [{"name": "z", "datatype": "FP32", "shape": [-1, d]}]
-    assert decoder["outputs"] == [{"name": "x_mean", "datatype": "FP32", "shape": [-1, c, h, w]}]
+    assert decoder["outputs"] == [
+        {"name": "x_mean", "datatype": "FP32", "shape": [-1, c, h, w]},
+        {"name": "logits", "datatype": "FP32", "shape": [-1, c, h, w]},
+    ]
 
 
 @pytest.mark.parametrize("path", ["/v2/models/vae", "/v2/models/vae/ready"], ids=["metadata", "ready"])
@@ -179,9 +182,13 @@ def test_binary_data_output_asks_for_every_output_as_bytes(client: TestClient) -
     response = client.post("/v2/models/decoder/infer", json=body)
     assert response.headers["content-type"] == "application/octet-stream"
     length = int(response.headers[HEADER_LENGTH])
-    (entry,) = orjson.loads(response.content[:length])["outputs"]
-    assert entry["parameters"] == {"binary_data_size": 64 * 4} and "data" not in entry
-    assert len(response.content) == length + 64 * 4
+    entries = orjson.loads(response.content[:length])["outputs"]
+    assert [entry["name"] for entry in entries] == ["x_mean", "logits"]
+    for entry in entries:
+        assert entry["parameters"] == {"binary_data_size": 64 * 4} and "data" not in entry
+    assert len(response.content) == length + 2 * 64 * 4
+    x_mean, logits = np.frombuffer(response.content[length:], dtype=np.float32).reshape(2, 64)
+    np.testing.assert_allclose(x_mean, 1 / (1 + np.exp(-logits)), rtol=0, atol=1e-6)
 
 
 Z = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
