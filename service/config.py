@@ -75,8 +75,9 @@ class Settings(BaseSettings):
     # How long the first request of a run may wait for others, in microseconds; 0 coalesces only the
     # requests that queued while the previous run was busy.
     batch_max_delay_us: int = Field(default=0, ge=0, le=1_000_000)
-    # Most images one request may carry (/encode, /reconstruct, /kl, /interpolate, /v2 encoder inference).
-    max_images: int = Field(default=64, ge=1)
+    # Most images one request may carry (/encode, /reconstruct, /kl, /interpolate, /v2 encoder inference); at
+    # least the two /interpolate takes.
+    max_images: int = Field(default=64, ge=2)
     # Most latents one request may carry or ask for (/decode, /kl, /sample?n=, the v2 decoder's batch); at
     # least /sample's default n, so that a request without it is within the limit.
     max_latents: int = 256

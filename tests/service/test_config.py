@@ -117,6 +117,7 @@ def test_counts_must_be_positive(env: pytest.MonkeyPatch, name: str) -> None:
         ("MAX_LATENTS", "15", "15 is below 16, the n of /sample when a request gives none"),
         ("MAX_LATENTS", "0", "0 is below 16, the n of /sample"),
         ("MAX_STEPS", "7", "7 is below 8, the steps of /interpolate when a request gives none"),
+        ("MAX_IMAGES", "1", "greater than or equal to 2"),  # the two images /interpolate takes
         ("INTRA_OP_THREADS", "1000000", "less than or equal to 1024"),
         ("BATCH_MAX_DELAY_US", "1000001", "less than or equal to 1000000"),
         ("STALL_TIMEOUT", "inf", "finite number"),
@@ -133,6 +134,7 @@ def test_counts_must_be_positive(env: pytest.MonkeyPatch, name: str) -> None:
         "latents-below-sample-n",
         "latents-zero",
         "steps-below-default",
+        "images-below-interpolate",
         "threads",
         "batch-delay-over-a-second",
         "stall-timeout-infinite",
