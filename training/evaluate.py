@@ -13,9 +13,9 @@ from training.model import VAE, DiagonalGaussian
 
 __all__ = ["Metrics", "active_units", "evaluate", "iwae_nll"]
 
-# The importance draws' seed is the run's seed plus this: seeds are below 2^32, so no run's one-sample
-# stream is another run's importance stream.
-_IMPORTANCE_STREAM = 2**32
+# The importance draws' seed is the run's seed XOR this. torch seeds a generator from the low 32 bits of its
+# seed alone: an offset of 2^32 (or any multiple) would give the one-sample stream again.
+_IMPORTANCE_STREAM = 0x9E3779B9
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ def evaluate(model: VAE, images: Tensor, *, k: int = 1000, seed: int = 0, batch_
     model.eval()
     # Each estimate draws from a stream of its own, so that the one-sample figure does not depend on k.
     one_sample = torch.Generator().manual_seed(seed)
-    importance = torch.Generator().manual_seed(seed + _IMPORTANCE_STREAM)
+    importance = torch.Generator().manual_seed((seed ^ _IMPORTANCE_STREAM) & 0xFFFFFFFF)
     recon_sum, kl_sum, iwae_sum = 0.0, 0.0, 0.0
     for start in range(0, len(images), batch_size):
         x = images[start : start + batch_size]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
 
+from training import evaluate as evaluate_module
 from training.evaluate import active_units, evaluate, iwae_nll
 from training.model import VAE, DiagonalGaussian, VAEConfig
 
@@ -45,3 +47,28 @@ def test_the_one_sample_figures_do_not_depend_on_the_importance_samples() -> Non
     few, many = (evaluate(model, images, k=k, seed=3, batch_size=4) for k in (1, 50))
     assert (few.neg_elbo, few.reconstruction, few.kl) == (many.neg_elbo, many.reconstruction, many.kl)
     assert few.iwae_nll != many.iwae_nll
+
+
+def test_the_importance_draws_are_not_the_one_sample_draws(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two streams, not one stream twice: each generator's state as its first draw is about to be taken
+    gives different numbers (torch seeds from the low 32 bits only, so seed + 2^32 gave the same ones)."""
+    states: dict[str, torch.Tensor] = {}
+
+    def first_state(name: str, real: Any) -> Any:
+        def recorded(*args: Any) -> Any:  # (self, x, generator) and (model, x, k, generator)
+            states.setdefault(name, args[-1].get_state())
+            return real(*args)
+
+        return recorded
+
+    monkeypatch.setattr(evaluate_module, "iwae_nll", first_state("importance", evaluate_module.iwae_nll))
+    monkeypatch.setattr(VAE, "forward", first_state("one sample", VAE.forward))
+    for seed in (0, 7, 2**32 - 1):
+        states.clear()
+        evaluate(VAE(VAEConfig(hidden=[8], latent_dim=3)), torch.rand((4, 1, 8, 8)), k=2, seed=seed)
+        draws = []
+        for state in states.values():
+            generator = torch.Generator()
+            generator.set_state(state)
+            draws.append(torch.randn(16, generator=generator))
+        assert len(draws) == 2 and not torch.equal(*draws), seed
