@@ -503,7 +503,8 @@ def _check_card(card: ModelCard) -> None:
             found = [tensor.name for tensor in tensors]
             if found != list(names):
                 raise ModelError(
-                    f"model.json {graph}.{field}: names are {found}, the interface needs {list(names)}"
+                    f"model.json {graph}.{field}: names are {found}, the interface needs {list(names)} "
+                    "(`python -m training export` writes it: export the model again from its checkpoint)"
                 )
             for i, (tensor, shape) in enumerate(zip(tensors, shapes, strict=True)):
                 if tensor.shape != shape:

@@ -166,6 +166,18 @@ def test_card_that_disagrees_with_the_graph(model_copy: Path, card: ModelCard) -
         load(model_copy)
 
 
+def test_a_model_exported_before_the_decoder_gave_its_logits_is_refused(model_copy: Path) -> None:
+    """Its -log p(x|z) would be computed from float32 means, which are 0 or 1 where the decoder is certain:
+    startup says to export it again rather than serve wrong figures."""
+    edit_card(model_copy, lambda raw: raw["decoder"].update(outputs=raw["decoder"]["outputs"][:1]))
+    message = (
+        r"model.json decoder.outputs: names are \['x_mean'\], the interface needs \['x_mean', 'logits'\] "
+        r"\(`python -m training export` writes it: export the model again from its checkpoint\)"
+    )
+    with pytest.raises(ModelError, match=message):
+        load(model_copy)
+
+
 def test_card_input_size_that_disagrees_with_the_graph(model_copy: Path, card: ModelCard) -> None:
     c, h, w = card.input_shape
 
