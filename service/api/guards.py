@@ -71,7 +71,14 @@ RETRY_AFTER_S = 1
 # answer, so the client stops sending, and the server stops reading, a body no one will use.
 CLOSE = {"Connection": "close"}
 # The request headers a page on another origin may send besides the CORS-safelisted ones.
-_CORS_HEADERS = ["Authorization", "Content-Type", "X-API-Key", request_id.HEADER]
+# Inference-Header-Content-Length frames /v2's binary tensor extension, both ways.
+_CORS_HEADERS = [
+    "Authorization",
+    "Content-Type",
+    "X-API-Key",
+    request_id.HEADER,
+    "Inference-Header-Content-Length",
+]
 # Methods whose requests carry nothing in a body here: one that comes with a body is refused, not ignored
 # (`GET /sample` with `{"n": 4}` would otherwise answer 16 samples).
 _NO_BODY = frozenset({"GET", "HEAD"})
@@ -301,10 +308,11 @@ class APIKeys:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The API docs describe the API, nothing of its data: they load without a key, and their Authorize
         # button takes one for the requests they send.
-        if scope["type"] != "http" or _open_to_all(scope["path"]):
+        # An open path with a trailing slash too: the app answers it with a 307 to the path without.
+        if scope["type"] != "http" or _open_to_all(scope["path"].rstrip("/") or "/"):
             await self.app(scope, receive, send)
             return
-        presented = _presented_keys(scope)
+        presented, malformed = _presented_keys(scope)
         if not presented:
             detail = "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
             headers = {"WWW-Authenticate": "Bearer"}
@@ -317,8 +325,12 @@ class APIKeys:
             for known in self._digests:
                 known_key |= hmac.compare_digest(digest, known)
             accepted &= known_key
-        if not accepted:
+        if malformed:  # beside a key: a credential sent, and not one to pass over
+            accepted = False
+            detail = "an API key sent is not valid: the Authorization header is not 'Bearer <key>'"
+        elif not accepted:
             detail = "the API key is not valid" if len(presented) == 1 else "an API key sent is not valid"
+        if not accepted:
             await refuse(scope, receive, send, status.HTTP_403_FORBIDDEN, detail)
             return
         await self.app(scope, receive, send)
@@ -332,18 +344,21 @@ def _open_to_all(path: str) -> bool:
     return is_probe(path) or is_page_path(path) or is_docs_path(path)
 
 
-def _presented_keys(scope: Scope) -> list[bytes]:
-    """The keys of the request's `Authorization: Bearer <key>` and `X-API-Key: <key>` headers."""
-    keys = []
+def _presented_keys(scope: Scope) -> tuple[list[bytes], bool]:
+    """The keys of the request's `Authorization: Bearer <key>` and `X-API-Key: <key>` headers, and whether
+    an Authorization header holds something else (another scheme, or no key)."""
+    keys, malformed = [], False
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     for name, value in headers:
         if name == b"authorization":
             scheme, _, token = value.strip().partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
                 keys.append(token.strip())
+            else:
+                malformed = True
         elif name == b"x-api-key" and value.strip():
             keys.append(value.strip())
-    return keys
+    return keys, malformed
 
 
 def install(app: FastAPI, settings: Settings) -> None:
@@ -373,7 +388,7 @@ def _cors_options(settings: Settings) -> dict[str, Any]:
         "allow_origins": settings.cors_origins,
         "allow_methods": ["GET", "HEAD", "POST"],
         "allow_headers": _CORS_HEADERS,
-        "expose_headers": [request_id.HEADER, "Retry-After"],
+        "expose_headers": [request_id.HEADER, "Retry-After", "Inference-Header-Content-Length"],
     }
 
 

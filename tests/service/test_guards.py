@@ -342,6 +342,30 @@ def test_two_keys_must_both_be_valid(guarded: TestClient, first: str) -> None:
     assert guarded.post("/decode", json=LATENTS, headers=both).status_code == 200
 
 
+@pytest.mark.parametrize(
+    "authorization",
+    ["Bearer ", "Basic Zm9vOmJhcg==", f"Bearer{KEYS[0]}"],
+    ids=["no-key", "basic", "no-space"],
+)
+def test_an_authorization_header_that_is_not_a_bearer_key_is_not_passed_over(
+    guarded: TestClient, authorization: str
+) -> None:
+    """Beside a valid X-API-Key it is a credential sent, and every one sent must be valid."""
+    headers = {"Authorization": authorization, "X-API-Key": KEYS[0]}
+    response = guarded.post("/decode", json=LATENTS, headers=headers)
+    assert detail(response, 403) == (
+        "an API key sent is not valid: the Authorization header is not 'Bearer <key>'"
+    )
+
+
+def test_open_paths_with_a_trailing_slash_are_redirected_without_a_key(guarded: TestClient) -> None:
+    """The app answers them with a 307 to the open path: a probe set to /ready/ works as /ready does."""
+    for path in ("/health/", "/ready/", "/metrics/", "/v2/health/live/", "/docs/", "/openapi.json/"):
+        response = guarded.get(path, follow_redirects=False)
+        assert response.status_code == 307 and response.headers["location"] == path.rstrip("/"), path
+    assert guarded.get("/model/", follow_redirects=False).status_code == 401  # not open: the key first
+
+
 def test_probes_and_the_scrape_need_no_key(guarded: TestClient) -> None:
     probes = ("/health", "/ready", "/v2/health/live", "/v2/health/ready", "/v2/models/encoder/ready")
     for path in (*probes, "/metrics"):
@@ -459,6 +483,27 @@ def test_cors_origins_from_settings(guarded: TestClient) -> None:
     assert "access-control-allow-origin" not in other.headers
 
 
+def test_a_page_can_use_the_binary_tensor_extension(guarded: TestClient) -> None:
+    """/v2's binary tensors are framed by Inference-Header-Content-Length: a page must be let send it, and
+    read it on the answer."""
+    preflight = guarded.options(
+        "/v2/models/decoder/infer",
+        headers={
+            "Origin": ORIGIN,
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "inference-header-content-length, content-type, x-api-key",
+        },
+    )
+    assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == ORIGIN
+    z = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
+    body = {"inputs": [z], "parameters": {"binary_data_output": True}}
+    headers = {"Origin": ORIGIN, **bearer(KEYS[0])}
+    response = guarded.post("/v2/models/decoder/infer", json=body, headers=headers)
+    assert response.status_code == 200 and "inference-header-content-length" in response.headers
+    exposed = response.headers["access-control-expose-headers"].lower()
+    assert "inference-header-content-length" in exposed
+
+
 @pytest.mark.parametrize(
     ("path", "preflight", "refused"),
     [
@@ -480,7 +525,7 @@ def test_cors_origins_from_settings(guarded: TestClient) -> None:
                 "Access-Control-Request-Headers": "content-type, X-Trace, x-other",
             },
             "headers 'X-Trace, x-other' are not allowed (those safelisted and Authorization, Content-Type, "
-            "X-API-Key, X-Request-ID)",
+            "X-API-Key, X-Request-ID, Inference-Header-Content-Length)",
         ),
         (
             "/decode",
@@ -490,7 +535,8 @@ def test_cors_origins_from_settings(guarded: TestClient) -> None:
                 "Access-Control-Request-Headers": "a,",
             },
             "headers 'a' are not allowed (those safelisted and Authorization, Content-Type, X-API-Key, "
-            "X-Request-ID); Access-Control-Request-Headers has an empty name (a stray comma)",
+            "X-Request-ID, Inference-Header-Content-Length); Access-Control-Request-Headers has an empty "
+            "name (a stray comma)",
         ),
     ],
     ids=["origin", "method", "headers-v2", "empty-header-name"],

@@ -569,6 +569,10 @@ def _requested_outputs(query: InferenceRequest, graph: OnnxFile, model_name: str
     names = [spec.name for spec in graph.outputs]
     if query.outputs is None:
         return [(name, all_binary) for name in names]
+    if not query.outputs:  # the model would run for an answer of nothing
+        raise _unrunnable(
+            f"outputs is empty; leave it out for every output, or name those wanted: {', '.join(names)}"
+        )
     requested: list[tuple[str, bool]] = []
     for i, output in enumerate(query.outputs):
         where = f"outputs[{i}]"

@@ -247,7 +247,12 @@ Z = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
         (
             {"inputs": [Z], "outputs": [{"name": "mu"}]},
             422,
-            "outputs[0].name is 'mu'; decoder outputs are x_mean",
+            "outputs[0].name is 'mu'; decoder outputs are x_mean, logits",
+        ),
+        (
+            {"inputs": [Z], "outputs": []},
+            422,
+            "outputs is empty; leave it out for every output, or name those wanted: x_mean, logits",
         ),
         (
             {"inputs": [Z], "outputs": [{"name": "x_mean", "parameters": {"shared_memory_region": "r"}}]},
@@ -302,6 +307,7 @@ Z = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
         "too-large",
         "integer-past-float64",
         "output-name",
+        "outputs-empty",
         "shared-memory",
         "no-data",
         "no-inputs",
