@@ -10,7 +10,6 @@ import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from functools import partial
 from typing import Any, TypedDict
 from urllib.parse import unquote
 
@@ -18,7 +17,6 @@ from fastapi import FastAPI, Request, Response, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import RedirectResponse
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -79,9 +77,7 @@ class _InternalError(NumpyJSONResponse):
         self.cors = cors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.cors is not None:
-            send = partial(self.cors.send, send=send, request_headers=Headers(scope=scope))
-        await super().__call__(scope, receive, send)
+        await super().__call__(scope, receive, guards.cors_send(self.cors, scope, send))
 
 
 async def _client_gone(request: Request, error: Exception) -> Response:

@@ -23,7 +23,7 @@ import asyncio
 import hashlib
 import hmac
 import re
-from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, status
@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service import request_id
 from service.api.bodies import quoted
 from service.api.docs import is_docs_path
+from service.api.openapi import edit_on_build
 from service.api.routes.playground import is_page_path
 from service.api.routes.v2 import ProtocolError, error_key, is_protocol_path
 from service.config import Settings
@@ -51,6 +52,7 @@ __all__ = [
     "BodyLimit",
     "InFlightLimit",
     "cors_headers",
+    "cors_send",
     "install",
     "is_probe",
     "refuse",
@@ -318,19 +320,19 @@ class APIKeys:
             headers = {"WWW-Authenticate": "Bearer"}
             await refuse(scope, receive, send, status.HTTP_401_UNAUTHORIZED, detail, headers)
             return
-        # Every key sent must be valid: with two headers that disagree, neither is taken over the other.
-        accepted = True
+        # Every key sent must be valid: with two headers that disagree, neither is taken over the other, and
+        # a malformed Authorization header beside a key is a credential sent, not one to pass over.
+        accepted = not malformed
         for key in presented:
             digest, known_key = _digest(key), False
             for known in self._digests:
                 known_key |= hmac.compare_digest(digest, known)
             accepted &= known_key
-        if malformed:  # beside a key: a credential sent, and not one to pass over
-            accepted = False
-            detail = "an API key sent is not valid: the Authorization header is not 'Bearer <key>'"
-        elif not accepted:
-            detail = "the API key is not valid" if len(presented) == 1 else "an API key sent is not valid"
         if not accepted:
+            if malformed:
+                detail = "an API key sent is not valid: the Authorization header is not 'Bearer <key>'"
+            else:
+                detail = "the API key is not valid" if len(presented) == 1 else "an API key sent is not valid"
             await refuse(scope, receive, send, status.HTTP_403_FORBIDDEN, detail)
             return
         await self.app(scope, receive, send)
@@ -372,7 +374,7 @@ def install(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(APIKeys, keys=settings.api_keys)
     if settings.cors_origins:
         app.add_middleware(CORS, **_cors_options(settings))
-    app.openapi = _documented(app.openapi, keys=bool(settings.api_keys))  # type: ignore[method-assign]
+    edit_on_build(app, partial(_document_refusals, keys=bool(settings.api_keys)))
 
 
 def cors_headers(settings: Settings) -> CORS | None:
@@ -390,6 +392,14 @@ def _cors_options(settings: Settings) -> dict[str, Any]:
         "allow_headers": _CORS_HEADERS,
         "expose_headers": [request_id.HEADER, "Retry-After", "Inference-Header-Content-Length"],
     }
+
+
+def cors_send(cors: CORS | None, scope: Scope, send: Send) -> Send:
+    """`send`, with `cors`'s headers (from `cors_headers`) added to the response's start, for an answer sent
+    outside the CORS middleware; `send` itself without VAE_CORS_ORIGINS."""
+    if cors is None:
+        return send
+    return partial(cors.send, send=send, request_headers=Headers(scope=scope))
 
 
 async def _no_app(scope: Scope, receive: Receive, send: Send) -> None:
@@ -426,36 +436,30 @@ def _validation_error(response: dict[str, Any] | None) -> bool:
     return str(content.get("schema", {}).get("$ref", "")).endswith("/HTTPValidationError")
 
 
-def _documented(openapi: Callable[[], dict[str, Any]], *, keys: bool) -> Callable[[], dict[str, Any]]:
-    """`app.openapi` with the guards' answers added to every operation they apply to."""
-
-    def generate() -> dict[str, Any]:
-        schema = openapi()  # built once and cached by FastAPI; the additions below are idempotent
-        components = schema.setdefault("components", {})
-        for model in (ErrorResponse, ProtocolError):
-            components.setdefault("schemas", {}).setdefault(model.__name__, model.model_json_schema())
-        if keys:
-            components["securitySchemes"] = _SECURITY_SCHEMES
-        for path, operations in schema.get("paths", {}).items():
-            shape = ProtocolError if is_protocol_path(path) else ErrorResponse
-            error = {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape.__name__}"}}}
-            for method, operation in operations.items():
-                refusals = dict(_BODY_REFUSALS) if "requestBody" in operation else {}
-                if method in ("get", "head"):
-                    refusals |= _GET_BODY
-                if path not in _OPEN_TEMPLATES:
-                    refusals |= _BUSY | (_UNAUTHORISED if keys else {})
-                    if keys:
-                        operation["security"] = [{name: []} for name in _SECURITY_SCHEMES]
-                responses = operation.setdefault("responses", {})
-                if "requestBody" not in operation and _validation_error(responses.get("422")):
-                    # FastAPI's own 422 for a route with a path parameter: a string path parameter and no
-                    # body cannot fail validation (an unknown /v2 model name is a 404).
-                    del responses["422"]
-                for code, description in refusals.items():
-                    response = responses.setdefault(code, {"description": description, "content": error})
-                    if code == "503":  # it says what the route's own 503 says (not loaded yet), and more
-                        response["description"] = description
-        return schema
-
-    return generate
+def _document_refusals(schema: dict[str, Any], *, keys: bool) -> None:
+    """Add the guards' answers to every operation of the OpenAPI `schema` they apply to."""
+    components = schema.setdefault("components", {})
+    for model in (ErrorResponse, ProtocolError):
+        components.setdefault("schemas", {}).setdefault(model.__name__, model.model_json_schema())
+    if keys:
+        components["securitySchemes"] = _SECURITY_SCHEMES
+    for path, operations in schema.get("paths", {}).items():
+        shape = ProtocolError if is_protocol_path(path) else ErrorResponse
+        error = {"application/json": {"schema": {"$ref": f"#/components/schemas/{shape.__name__}"}}}
+        for method, operation in operations.items():
+            refusals = dict(_BODY_REFUSALS) if "requestBody" in operation else {}
+            if method in ("get", "head"):
+                refusals |= _GET_BODY
+            if path not in _OPEN_TEMPLATES:
+                refusals |= _BUSY | (_UNAUTHORISED if keys else {})
+                if keys:
+                    operation["security"] = [{name: []} for name in _SECURITY_SCHEMES]
+            responses = operation.setdefault("responses", {})
+            if "requestBody" not in operation and _validation_error(responses.get("422")):
+                # FastAPI's own 422 for a route with a path parameter: a string path parameter and no
+                # body cannot fail validation (an unknown /v2 model name is a 404).
+                del responses["422"]
+            for code, description in refusals.items():
+                response = responses.setdefault(code, {"description": description, "content": error})
+                if code == "503":  # it says what the route's own 503 says (not loaded yet), and more
+                    response["description"] = description

@@ -10,15 +10,13 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Sequence
-from functools import partial
 from time import perf_counter
 
-from starlette.datastructures import Headers
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import request_id
-from service.api.guards import CLOSE, CORS, RETRY_AFTER_S, refuse
+from service.api.guards import CLOSE, CORS, RETRY_AFTER_S, cors_send, refuse
 from service.logs import access_log
 from service.metrics import Metrics
 
@@ -120,9 +118,8 @@ class RequestMiddleware:
             # It was not served: it may be sent again, to another replica or once this one is back.
             detail = "the server stopped before this request was answered; send it again"
             headers = {"Retry-After": str(RETRY_AFTER_S), **CLOSE}
-            reply = send_with_id
-            if self.cors is not None:  # a page on another origin reads it (and its Retry-After) too
-                reply = partial(self.cors.send, send=send_with_id, request_headers=Headers(scope=scope))
+            # A page on another origin reads it (and its Retry-After) too.
+            reply = cors_send(self.cors, scope, send_with_id)
             await refuse(scope, receive, reply, 503, detail, headers)
         finally:
             seconds = perf_counter() - start

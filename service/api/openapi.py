@@ -12,6 +12,7 @@ values the routes refuse.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,17 +21,27 @@ from service.api.options import MAXIMUM_SETTING
 from service.config import Settings
 from service.schemas import LATENT_DIM, MAX_ITEMS_SETTING
 
-__all__ = ["describe_model", "install"]
+__all__ = ["describe_model", "edit_on_build", "install"]
 
 
 def install(app: FastAPI, settings: Settings) -> None:
     """Serve `app`'s OpenAPI schema with the markers replaced by `settings`' values and the model's
     latent_dim."""
-    openapi = app.openapi
+    edit_on_build(
+        app, lambda schema: _replace_markers(schema, settings, getattr(app.state, "latent_dim", None))
+    )
+
+
+def edit_on_build(app: FastAPI, edit: Callable[[dict[str, Any]], None]) -> None:
+    """Have `edit` change `app`'s OpenAPI schema when FastAPI builds it (at the first request for it, and
+    again after `describe_model`), not at every request: FastAPI keeps the schema it built."""
+    build = app.openapi
 
     def generate() -> dict[str, Any]:
-        schema = openapi()  # built once and cached by FastAPI: once replaced, the markers are gone
-        _replace_markers(schema, settings, getattr(app.state, "latent_dim", None))
+        fresh = app.openapi_schema is None
+        schema = build()
+        if fresh:
+            edit(schema)
         return schema
 
     app.openapi = generate  # type: ignore[method-assign]
@@ -44,12 +55,10 @@ def describe_model(app: FastAPI, latent_dim: int) -> None:
 
 def _replace_markers(node: Any, settings: Settings, latent_dim: int | None) -> None:
     if isinstance(node, dict):
-        setting = node.pop(MAXIMUM_SETTING, None)
-        if setting is not None:
-            node["maximum"] = getattr(settings, setting)
-        setting = node.pop(MAX_ITEMS_SETTING, None)
-        if setting is not None:
-            node["maxItems"] = getattr(settings, setting)
+        for marker, bound in ((MAXIMUM_SETTING, "maximum"), (MAX_ITEMS_SETTING, "maxItems")):
+            setting = node.pop(marker, None)
+            if setting is not None:
+                node[bound] = getattr(settings, setting)
         if node.pop(LATENT_DIM, False) and latent_dim is not None:
             node["minItems"] = node["maxItems"] = latent_dim
         for value in node.values():
