@@ -79,10 +79,13 @@ _PILLOW_CHUNKS = frozenset({b"tRNS", b"eXIf", b"tEXt", b"zTXt", b"iTXt", b"acTL"
 # rather than read as its first. MPO (a JPEG and its previews) and PSD (the layers of one picture) are not.
 _SEQUENCE_FORMATS = frozenset({"GIF", "PNG", "WEBP", "TIFF", "AVIF", "DCX", "FLI"})
 # Formats Pillow opens that are not decoded for an upload: EPS is rendered by running Ghostscript on the
-# file; BLP and IPTC wrap a JPEG that Pillow decodes at whatever size and number of scans it has, past the
-# size their header gives (and so past `max_pixels` and MAX_JPEG_SCANS). Pillow's stubs (BUFR, GRIB, HDF5,
-# WMF) need a handler registered in the process and are refused too.
-_REFUSED_FORMATS = frozenset({"EPS", "BLP", "IPTC"})
+# file; BLP and IPTC wrap a JPEG, and ICNS a PNG or JPEG 2000, that Pillow decodes at whatever size (and
+# number of scans) it has, past the size their header gives (and so past `max_pixels` and MAX_JPEG_SCANS).
+# Pillow's stubs (BUFR, GRIB, HDF5, WMF) need a handler registered in the process and are refused too.
+_REFUSED_FORMATS = frozenset({"EPS", "BLP", "IPTC", "ICNS"})
+# Refused from their first bytes, before Pillow opens them (its own test for the format): opening an ICO
+# decodes the largest image it holds, an embedded PNG of any size whatever its directory says.
+_REFUSED_BEFORE_OPENING = {b"\x00\x00\x01\x00": "ICO"}
 # Resampling along a side by a cached (new size, size) matrix while it has at most this many weights; a
 # longer side goes one output pixel at a time (`_resample_axis`).
 _MATRIX_WEIGHTS = 1 << 16
@@ -153,6 +156,9 @@ def read_pixels(
         return _composited(plain, spec.channels, light_background)
     if data.startswith(_JPEG_START):
         _check_jpeg_markers(data)
+    refused = _REFUSED_BEFORE_OPENING.get(data[:4])
+    if refused is not None:
+        raise ImageError(f"is in the {refused} format, which this server does not decode")
     try:
         with Image.open(io.BytesIO(data), formats=formats) as opened:
             width, height = opened.size

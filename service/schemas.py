@@ -10,9 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag, WithJsonSchema
 from pydantic.config import JsonDict
 
 from service.model_card import DatasetInfo, InputSpec, TestMetrics
@@ -42,6 +42,7 @@ __all__ = [
     "ValidationErrorResponse",
     "ValidationIssue",
     "Vector",
+    "without_shape_tag",
 ]
 
 # Latent coordinates beyond this are certainly not from the model and would overflow the KL's squares.
@@ -75,6 +76,22 @@ LogVariance = Annotated[
         json_schema_extra={LATENT_DIM: True},
     ),
 ]
+
+# /kl's mu and logvar: one vector, or a batch (a list of vectors). Which one is decided from the first item
+# before validating, so that a bad number is reported once, against the shape sent, not against both.
+_ONE, _BATCH = "one", "batch"
+
+
+def _one_or_batch(value: Any) -> str:
+    return _BATCH if isinstance(value, list) and value and isinstance(value[0], list) else _ONE
+
+
+def without_shape_tag(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """A validation error's loc as the client sees the body: without the tag pydantic puts after the field
+    of a shape union (`("mu", "batch", 1, 0)` -> `("mu", 1, 0)`)."""
+    if len(loc) > 1 and loc[0] in ("mu", "logvar") and loc[1] in (_ONE, _BATCH):
+        return (loc[0], *loc[2:])
+    return loc
 
 
 def _from_base64(value: object) -> object:
@@ -169,10 +186,16 @@ class KLRequest(_Request):
         }
     )
 
-    mu: Vector | Annotated[list[Vector], Field(min_length=1, json_schema_extra=_AT_MOST_LATENTS)]
-    logvar: (
-        LogVariance | Annotated[list[LogVariance], Field(min_length=1, json_schema_extra=_AT_MOST_LATENTS)]
-    )
+    mu: Annotated[
+        Annotated[Vector, Tag(_ONE)]
+        | Annotated[list[Vector], Field(min_length=1, json_schema_extra=_AT_MOST_LATENTS), Tag(_BATCH)],
+        Discriminator(_one_or_batch),
+    ]
+    logvar: Annotated[
+        Annotated[LogVariance, Tag(_ONE)]
+        | Annotated[list[LogVariance], Field(min_length=1, json_schema_extra=_AT_MOST_LATENTS), Tag(_BATCH)],
+        Discriminator(_one_or_batch),
+    ]
     target: GaussianParams | None = Field(default=None, description="p in KL(q || p); N(0, I) when absent.")
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextvars import copy_context
 from dataclasses import dataclass
 from functools import cache, partial
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import unquote
 
 import numpy as np
 import numpy.typing as npt
@@ -26,7 +28,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service import imaging
 from service.model_card import InputSpec
-from service.schemas import MAX_ITEMS_SETTING, ImagesRequest
+from service.schemas import MAX_ITEMS_SETTING, ImagesRequest, without_shape_tag
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks
@@ -57,6 +59,9 @@ _MAX_PREAMBLE = 1024
 FILES_FIELD = "files"
 # Longest file name quoted in an error detail; longer ones are cut (they come from the client).
 _NAME_CHARS = 64
+# RFC 2231's extended file name (`filename*=utf-8''%E2%82%AC.png`), which python-multipart's header parser
+# drops: RFC 7578 asks senders not to use it, but a part that carries only it is still a file.
+_EXTENDED_FILENAME = re.compile(rb";\s*filename\*\s*=\s*([^;]*)", re.IGNORECASE)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -280,7 +285,8 @@ class _Files:
                 f"'{FILES_FIELD}' (options go in the query string)",
             )
         i = len(self.uploads)
-        if b"filename" not in options:
+        filename = _filename(self._disposition, options)
+        if filename is None:
             message = f"{FILES_FIELD}[{i}] is a text field, not a file"
             raise validation_error(("body", FILES_FIELD, i), message)
         if i >= self._max_files:
@@ -289,7 +295,7 @@ class _Files:
                 f"more than {self._max_files} images sent; this server takes at most {self._max_files} "
                 "per request",
             )
-        self._label = f"file {i} ({quoted(options[b'filename'].decode('utf-8', 'replace'))})"
+        self._label = f"file {i} ({quoted(filename)})"
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
         self._data.append(data[start:end])
@@ -299,6 +305,22 @@ class _Files:
 
     def _end(self) -> None:
         self.ended = True
+
+
+def _filename(disposition: bytes, options: Mapping[bytes, bytes]) -> str | None:
+    """The file name a part's Content-Disposition gives, plain or RFC 2231-encoded (`charset'lang'%XX..`,
+    with the plain one first, as RFC 6266 has it); None for a text field, which gives neither."""
+    if b"filename" in options:
+        return options[b"filename"].decode("utf-8", "replace")
+    extended = _EXTENDED_FILENAME.search(disposition)
+    if extended is None:
+        return None
+    charset, _, rest = extended.group(1).strip().decode("latin-1").partition("'")
+    _, _, encoded = rest.partition("'")
+    try:
+        return unquote(encoded, encoding=charset or "utf-8", errors="replace")
+    except LookupError:  # a charset Python does not know
+        return unquote(encoded, encoding="utf-8", errors="replace")
 
 
 def quoted(value: object) -> str:
@@ -371,7 +393,7 @@ def parse_json(model: type[M], body: bytes) -> M:
     except ValidationError as error:
         details = error.errors(include_url=False, include_input=False, include_context=False)
         raise RequestValidationError(
-            [{**detail, "loc": ("body", *detail["loc"])} for detail in details]
+            [{**detail, "loc": ("body", *without_shape_tag(detail["loc"]))} for detail in details]
         ) from None
 
 

@@ -579,6 +579,18 @@ def test_formats_that_need_an_outside_program_or_wrap_a_jpeg_are_named_not_decod
     blp = encoded(Image.fromarray(RAMP).convert("P"), "BLP")
     with pytest.raises(ImageError, match="^is in the BLP format, which this server does not decode$"):
         read_pixels(blp, GREY)
+    # ICO and ICNS name a size in their directory and hold a PNG of any other: opening an ICO decodes it, so
+    # an ICO is refused from its first bytes, before Pillow opens it (and its pixels, over the limit here).
+    inside = encoded(Image.new("L", (128, 128)), "PNG")
+    ico = struct.pack("<3H", 0, 1, 1) + struct.pack("<4B2H2I", 16, 16, 0, 0, 1, 8, len(inside), 22) + inside
+    with pytest.warns(UserWarning, match="Image was not the expected size"):  # Pillow: the PNG's size
+        assert Image.open(io.BytesIO(ico)).size == (128, 128)
+    block = b"icp4" + struct.pack(">I", 8 + len(inside)) + inside  # icp4: 16 x 16
+    icns = b"icns" + struct.pack(">I", 8 + len(block)) + block
+    assert Image.open(io.BytesIO(icns)).size == (16, 16)
+    for data, name in ((ico, "ICO"), (icns, "ICNS")):
+        with pytest.raises(ImageError, match=f"^is in the {name} format, which this server does not decode$"):
+            read_pixels(data, GREY, max_pixels=1000)
     # A placeable WMF header (an 8 x 8 box at 72 units an inch), then the standard one's start: Pillow's stub.
     wmf = b"\xd7\xcd\xc6\x9a\x00\x00" + struct.pack("<4hH", 0, 0, 8, 8, 72) + bytes(6) + b"\x01\x00\t\x00"
     wmf += bytes(44)

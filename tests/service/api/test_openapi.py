@@ -46,7 +46,7 @@ def latents(schema: dict[str, Any]) -> dict[str, dict[str, Any]]:
         "kl target logvar": target["properties"]["logvar"],
     }
     for name in ("mu", "logvar"):
-        one, batch = kl[name]["anyOf"]
+        one, batch = kl[name]["oneOf"]
         found |= {f"kl {name}": one, f"kl {name} batch": batch["items"]}
     return found
 
@@ -92,8 +92,8 @@ def test_lists_of_latents_and_images_document_the_most_a_request_takes(bounded: 
     kl = body(schema, "/kl")["properties"]
     lists = {
         "decode latents": (body(schema, "/decode")["properties"]["latents"], 1, BOUNDS["max_latents"]),
-        "kl mu batch": (kl["mu"]["anyOf"][1], 1, BOUNDS["max_latents"]),
-        "kl logvar batch": (kl["logvar"]["anyOf"][1], 1, BOUNDS["max_latents"]),
+        "kl mu batch": (kl["mu"]["oneOf"][1], 1, BOUNDS["max_latents"]),
+        "kl logvar batch": (kl["logvar"]["oneOf"][1], 1, BOUNDS["max_latents"]),
         "interpolate latents": (body(schema, "/interpolate")["properties"]["latents"], 2, 2),
         "interpolate files": (multipart_files(schema, "/interpolate"), 2, 2),
     }

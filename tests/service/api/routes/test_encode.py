@@ -324,6 +324,27 @@ def test_multipart_text_in_files_is_422(client: TestClient) -> None:
     assert messages(response) == [(("body", "files", 0), "files[0] is a text field, not a file")]
 
 
+def _one_part(disposition: bytes, content: bytes) -> dict[str, Any]:
+    part = b"--b\r\nContent-Disposition: form-data; name=files; " + disposition + b"\r\n\r\n" + content
+    return {
+        "content": part + b"\r\n--b--\r\n",
+        "headers": {"content-type": "multipart/form-data; boundary=b"},
+    }
+
+
+def test_part_named_by_extended_filename_only_is_a_file(client: TestClient) -> None:
+    """RFC 2231's `filename*` (which python-multipart's header parser drops) still makes a part a file, and
+    its decoded name is the one an error quotes."""
+    plain = client.post("/encode", files=files(digit_png(3)))
+    extended = client.post("/encode", **_one_part(b"filename*=UTF-8''three.png", digit_png(3)))
+    assert extended.status_code == 200, extended.text
+    assert extended.json() == plain.json()
+    response = client.post("/encode", **_one_part(b"filename*=utf-8'en'%E2%82%AC%20notes.txt", b"text"))
+    assert detail(response, 400) == "file 0 ('€ notes.txt') is not an image format Pillow can read"
+    unknown_charset = client.post("/encode", **_one_part(b"filename*=x-unknown''a%2Etxt", b"text"))
+    assert detail(unknown_charset, 400) == "file 0 ('a.txt') is not an image format Pillow can read"
+
+
 def test_too_many_images_is_422(limited: TestClient) -> None:
     limit = LIMITS["max_images"]
     images = [digit_png(i) for i in range(limit + 1)]

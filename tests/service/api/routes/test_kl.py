@@ -123,18 +123,52 @@ def test_mu_and_logvar_counts_must_match(client: TestClient, card: ModelCard) ->
 @pytest.mark.parametrize(
     ("raw", "expected"),
     [
-        (b'{"mu": [NaN], "logvar": [0]}', "Input should be a finite number"),
-        (b'{"mu": [0], "logvar": [Infinity]}', "Input should be a finite number"),
-        (b'{"mu": ["1"], "logvar": [0]}', "Input should be a valid number"),
-        (b'{"mu": [], "logvar": []}', "List should have at least 1 item after validation, not 0"),
-        (b'{"mu": [0], "logvar": [1000]}', "Input should be less than or equal to 100"),
-        (b'{"mu": [0]}', "Field required"),
+        (b'{"mu": [NaN], "logvar": [0]}', [(("body", "mu", 0), "Input should be a finite number")]),
+        (b'{"mu": [0], "logvar": [Infinity]}', [(("body", "logvar", 0), "Input should be a finite number")]),
+        (b'{"mu": ["1"], "logvar": [0]}', [(("body", "mu", 0), "Input should be a valid number")]),
+        (
+            b'{"mu": [], "logvar": []}',
+            [
+                (("body", "mu"), "List should have at least 1 item after validation, not 0"),
+                (("body", "logvar"), "List should have at least 1 item after validation, not 0"),
+            ],
+        ),
+        (
+            b'{"mu": [0], "logvar": [1000]}',
+            [(("body", "logvar", 0), "Input should be less than or equal to 100")],
+        ),
+        (b'{"mu": [0]}', [(("body", "logvar"), "Field required")]),
+        # One bad number among good ones is one error, where it is, in the shape sent (one vector or a batch):
+        # not one more for every number that is not a vector, as if a batch had been meant.
+        (
+            b'{"mu": [10000000, 0, 0, 0], "logvar": [0, 0, 0, 0]}',
+            [(("body", "mu", 0), "Input should be less than or equal to 1000000")],
+        ),
+        (
+            b'{"mu": [[0, 0], [0, 1e7]], "logvar": [[0, 0], [0, 0]]}',
+            [(("body", "mu", 1, 1), "Input should be less than or equal to 1000000")],
+        ),
+        (b'{"mu": 5, "logvar": [0]}', [(("body", "mu"), "Input should be a valid array")]),
+        (b'{"mu": [[0], 5], "logvar": [[0], [0]]}', [(("body", "mu", 1), "Input should be a valid array")]),
     ],
-    ids=["nan", "infinity", "string", "empty", "logvar-overflow", "missing-logvar"],
+    ids=[
+        "nan",
+        "infinity",
+        "string",
+        "empty",
+        "logvar-overflow",
+        "missing-logvar",
+        "one-vector-overflow",
+        "batch-overflow",
+        "number",
+        "batch-with-a-number",
+    ],
 )
-def test_bad_numbers_are_422(client: TestClient, raw: bytes, expected: str) -> None:
+def test_bad_numbers_are_422(
+    client: TestClient, raw: bytes, expected: list[tuple[tuple[object, ...], str]]
+) -> None:
     response = client.post("/kl", content=raw, headers={"content-type": "application/json"})
-    assert expected in [message for _, message in messages(response)]
+    assert messages(response) == expected
 
 
 def test_too_many_posteriors_is_422(limited: TestClient, card: ModelCard) -> None:
