@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -94,7 +95,7 @@ def read_idx(path: Path) -> npt.NDArray[np.uint8]:
     try:
         with opener(path, "rb") as handle:
             data = handle.read()
-    except (OSError, EOFError) as error:  # gzip raises these for corrupt or truncated archives
+    except (OSError, EOFError, zlib.error) as error:  # gzip's for corrupt or truncated archives
         raise DataError(f"{path}: cannot read ({error})") from error
     if len(data) < 4:
         raise DataError(f"{path}: truncated: {len(data)} bytes, shorter than the 4-byte IDX magic")

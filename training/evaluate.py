@@ -9,13 +9,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from training.model import VAE, DiagonalGaussian
+from training.model import VAE, DiagonalGaussian, VAEConfig
 
 __all__ = ["Metrics", "active_units", "evaluate", "iwae_nll"]
 
 # The importance draws' seed is the run's seed XOR this. torch seeds a generator from the low 32 bits of its
 # seed alone: an offset of 2^32 (or any multiple) would give the one-sample stream again.
 _IMPORTANCE_STREAM = 0x9E3779B9
+# Most values in one layer's activations while the importance draws are decoded (draws x images x the widest
+# layer), 2^25 floats (128 MiB): larger images or wider models decode fewer draws at a time.
+IWAE_VALUES = 1 << 25
+
+
+def widest_layer(cfg: VAEConfig) -> int:
+    """Values per image in the model's widest activation: its pixels, a hidden layer or a convolution's."""
+    if cfg.architecture == "mlp":
+        return max(cfg.pixels, *cfg.hidden)
+    stages = (c * (cfg.height >> i) * (cfg.width >> i) for i, c in enumerate(cfg.conv_channels, start=1))
+    return max(cfg.pixels, cfg.conv_dense, *stages)
 
 
 @dataclass(frozen=True)
@@ -36,7 +47,10 @@ class Metrics:
 
 @torch.no_grad()
 def iwae_nll(model: VAE, x: Tensor, k: int, generator: torch.Generator, chunk: int = 250) -> Tensor:
-    """-log p(x) ~= -log (1/k) sum_j p(x|z_j) p(z_j) / q(z_j|x), z_j ~ q(z|x) (Burda et al. 2016). (B,)"""
+    """-log p(x) ~= -log (1/k) sum_j p(x|z_j) p(z_j) / q(z_j|x), z_j ~ q(z|x) (Burda et al. 2016). (B,)
+
+    The draws are decoded `chunk` at a time, fewer when that many would pass IWAE_VALUES in a layer."""
+    chunk = max(1, min(chunk, IWAE_VALUES // (len(x) * widest_layer(model.cfg))))
     q = model.posterior(x)
     prior = DiagonalGaussian(torch.zeros_like(q.mu), torch.zeros_like(q.logvar))
     log_weights = []

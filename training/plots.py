@@ -93,6 +93,8 @@ def write_plots(
         centred = mu - mu.mean(0)
         _, _, vt = np.linalg.svd(centred, full_matrices=False)
         points, axis_label = centred @ vt[:2].T, "principal component"
+        # Fewer than two test images give fewer than two components: the missing ones are 0.
+        points = np.pad(points, ((0, 0), (0, 2 - points.shape[1])))
     else:
         points, axis_label = np.pad(mu, ((0, 0), (0, 2 - mu.shape[1]))), "z"
     fig, ax = plt.subplots(figsize=(6.5, 5.5))

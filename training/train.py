@@ -42,8 +42,11 @@ Params = tuple[Tensor, ...] | list[Tensor]
 _RANK_SEED_STRIDE = 7919
 # The largest seed: 2^32 - 1, leaving room for the offsets added to it (ranks, epochs) below torch's 2^64.
 MAX_SEED = 2**32 - 1
+# The largest side of a folder's images: a 1024 x 1024 image is a million inputs to the first layer already.
+MAX_IMAGE_SIZE = 1024
 # What `resume` may change in a run's TrainConfig; the rest of it, and the model, are the run's own.
-RESUMABLE = frozenset({"epochs", "threads"})
+# `data_dir` may name the run's images where they are now: they must still be the same (their SHA-256).
+RESUMABLE = frozenset({"epochs", "threads", "data_dir"})
 
 
 @dataclass
@@ -52,7 +55,7 @@ class TrainConfig:
 
     dataset: DatasetName = "digits"  # digits (embedded), idx or folder
     data_dir: str | None = None  # directory for idx / folder datasets
-    image_size: int = 28  # folder: images are resized to image_size x image_size
+    image_size: int = 28  # folder: images are resized to image_size x image_size (at most MAX_IMAGE_SIZE)
     channels: int = 1  # folder: 1 (grayscale) or 3 (RGB)
     foreground: Literal["light", "dark"] = "light"  # polarity of the strokes in the training images
     seed: int = 0  # seeds the split, the initialisation, the batches and the sampling
@@ -75,6 +78,8 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("seed", 0), ("threads", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {self.image_size}")
         if self.seed > MAX_SEED:
             raise ValueError(f"seed must be at most {MAX_SEED}, got {self.seed}")
         for name in ("weight_decay", "beta", "warmup_epochs", "free_bits"):
@@ -82,8 +87,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number, 0 or more, got {getattr(self, name)}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        if not 0 < self.lr < math.inf:
-            raise ValueError(f"lr must be a finite number above 0, got {self.lr}")
+        if not 0 < self.lr <= 1:  # NaN fails too; Adam's steps are about lr each: past 1 is no learning rate
+            raise ValueError(f"lr must be in (0, 1], got {self.lr}")
         if not 0 < self.lr_min_ratio <= 1:
             raise ValueError(f"lr_min_ratio must be in (0, 1], got {self.lr_min_ratio}")
         if not 0 <= self.ema_decay < 1:
@@ -130,12 +135,7 @@ class Checkpoint:
 
     def splits(self) -> Splits:
         """The splits as the run saw them; DataError if the data is no longer what it trained on."""
-        data_dir = self.train_cfg.data_dir
-        if data_dir is not None and not Path(data_dir).is_absolute() and not Path(data_dir).exists():
-            raise DataError(
-                f"{data_dir}: not found from {Path.cwd()}; the run was trained with this relative "
-                "--data-dir: run this from the directory it was trained in"
-            )
+        _check_relative_data_dir(self.train_cfg)
         splits = load_splits(self.train_cfg)
         self.check_data(splits)
         return splits
@@ -170,7 +170,26 @@ def load_checkpoint(path: Path) -> Checkpoint:
     required = {f.name for f in fields(Checkpoint) if f.default is MISSING and f.default_factory is MISSING}
     if not isinstance(raw, dict) or not required <= raw.keys() <= known:
         raise ValueError(f"{path}: not a checkpoint written by `python -m training train`")
+    for key, config in (("config", VAEConfig), ("train_config", TrainConfig)):
+        if not isinstance(raw[key], dict):
+            raise ValueError(f"{path}: not a checkpoint written by `python -m training train`")
+        unknown = sorted(set(raw[key]) - {f.name for f in fields(config)})
+        if unknown:  # settings a later version added; an earlier version's missing ones take their defaults
+            raise ValueError(
+                f"{path}: written by another version of this package: its {key} has {', '.join(unknown)}, "
+                "which this version does not know"
+            )
     return Checkpoint(**raw)
+
+
+def _check_relative_data_dir(cfg: TrainConfig, *, resuming: bool = False) -> None:
+    """DataError for a run's relative --data-dir that is not there from the working directory."""
+    if cfg.data_dir is not None and not Path(cfg.data_dir).is_absolute() and not Path(cfg.data_dir).exists():
+        raise DataError(
+            f"{cfg.data_dir}: not found from {Path.cwd()}; the run was trained with this relative "
+            "--data-dir: run this from the directory it was trained in"
+            + (" (or resume it with --data-dir where the images are now)" if resuming else "")
+        )
 
 
 class Splits(NamedTuple):
@@ -296,6 +315,8 @@ def _train(
     ckpt = load_checkpoint(out / "last.pt") if resume else None
     if ckpt is not None:  # before the data is read: a changed setting may change what is read
         _check_resumable(out / "last.pt", ckpt, model_cfg, cfg)
+        if splits is None:
+            _check_relative_data_dir(cfg, resuming=True)
     if splits is None:
         splits = load_splits(cfg)
     train_split, val_split, _, source, data_sha256 = splits
@@ -357,8 +378,10 @@ def _train(
     elif ctx.is_main:
         if (out / "last.pt").exists():
             log.warning("%s holds a run already: starting afresh over it (--resume continues it)", out)
-        # A run of fewer epochs than the warm-up writes no best.pt: none may be left from an earlier run.
-        (out / "best.pt").unlink(missing_ok=True)
+        # Neither may be left from the earlier run: a run of fewer epochs than the warm-up writes no best.pt,
+        # one that diverges in its first epoch no last.pt (and --resume or evaluate would read the old one).
+        for name in ("best.pt", "last.pt"):
+            (out / name).unlink(missing_ok=True)
 
     model.train()
     epochs = tqdm(

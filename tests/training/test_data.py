@@ -94,6 +94,15 @@ def test_read_idx_rejects_truncated_header_and_gzip(tmp_path: Path, images: np.n
     broken.write_bytes(gzip.compress(_idx_bytes(images))[:-12])
     with pytest.raises(DataError, match="broken.gz: cannot read"):
         read_idx(broken)
+    # A deflate block of the reserved type (bits 1-2 of the byte after gzip's 10-byte header): zlib's own
+    # error, which is not an OSError.
+    corrupt = bytearray(gzip.compress(_idx_bytes(images)))
+    corrupt[10] |= 0b110
+    (tmp_path / "corrupt.gz").write_bytes(corrupt)
+    with pytest.raises(
+        DataError, match=r"corrupt.gz: cannot read \(Error -3 while decompressing data: invalid block type\)"
+    ):
+        read_idx(tmp_path / "corrupt.gz")
 
 
 def test_idx_directory_uses_its_test_file(tmp_path: Path, images: np.ndarray) -> None:

@@ -30,6 +30,33 @@ def test_iwae_is_exact_when_the_posterior_is_the_prior_and_the_decoder_ignores_z
     torch.testing.assert_close(estimate, exact, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        VAEConfig(channels=3, height=32, width=32, hidden=[64]),
+        VAEConfig(
+            channels=3, height=32, width=32, architecture="conv", conv_channels=[32, 16], conv_dense=32
+        ),
+    ],
+    ids=["mlp-pixels-widest", "conv-stage-widest"],
+)
+def test_importance_draws_are_decoded_within_a_bound_on_memory(cfg: VAEConfig) -> None:
+    """A batch of 256 RGB 32 x 32 images took 250 draws at a time: 196 million values in the decoder's
+    output (3.4 GB at its peak). Now the widest activation holds as many draws as IWAE_VALUES allows."""
+    model = VAE(cfg).eval()
+    sizes: list[int] = []
+    for layer in model.decoder.modules():
+        if not list(layer.children()):
+            layer.register_forward_hook(lambda _, __, out: sizes.append(out.numel()))
+    x = torch.rand((256, 3, 32, 32), generator=torch.Generator().manual_seed(0))
+    estimate = iwae_nll(model, x, 250, torch.Generator().manual_seed(1))
+    assert estimate.shape == (256,) and bool(torch.isfinite(estimate).all())
+    widest = evaluate_module.widest_layer(cfg)
+    draws = evaluate_module.IWAE_VALUES // (256 * widest)
+    assert 1 < draws < 250
+    assert max(sizes) == draws * 256 * widest <= evaluate_module.IWAE_VALUES
+
+
 def test_active_units_count_the_dimensions_whose_posterior_mean_varies_over_the_data() -> None:
     """Cov_x(E_q[z]) > 0.01 (Burda et al. 2016): of posterior means with variances 0, 0.005 and 0.02 over
     the images, one dimension is active, whatever the posterior variances do."""

@@ -198,6 +198,17 @@ def test_the_plots_of_an_unlabelled_dataset_are_drawn_without_a_warning(tmp_path
     assert {p.name for p in tmp_path.iterdir()} == set(PLOTS)
 
 
+def test_the_latent_map_of_a_one_image_test_split_is_drawn(tmp_path: Path) -> None:
+    """One test image has one principal component (a folder of 5 images splits so): the map needs two."""
+    model = VAE(VAEConfig(hidden=[8], latent_dim=4))
+    images = np.random.default_rng(0).random((1, 1, 8, 8), dtype=np.float32)
+    losses = {
+        f"{part}_{term}": 1.0 for part in ("train", "val") for term in ("neg_elbo", "reconstruction", "kl")
+    }
+    write_plots(model, [{"epoch": 1, **losses}], images, np.array([3]), tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == set(PLOTS)
+
+
 @pytest.mark.slow
 def test_same_seed_gives_the_same_onnx_outputs(tmp_path: Path) -> None:
     from training.__main__ import main

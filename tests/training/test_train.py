@@ -180,8 +180,9 @@ def test_a_fresh_run_leaves_no_best_checkpoint_of_an_earlier_one(tmp_path: Path)
         (["--free-bits", "inf"], "free_bits must be a finite number, 0 or more, got inf"),
         (["--weight-decay", "inf"], "weight_decay must be a finite number, 0 or more, got inf"),
         (["--ema-decay", "1"], "ema_decay must be in [0, 1)"),
-        (["--lr", "0"], "lr must be a finite number above 0, got 0.0"),
-        (["--lr", "inf"], "lr must be a finite number above 0, got inf"),
+        (["--lr", "0"], "lr must be in (0, 1], got 0.0"),
+        (["--lr", "inf"], "lr must be in (0, 1], got inf"),
+        (["--lr", "1e38"], "lr must be in (0, 1], got 1e+38"),  # was Adam's overflow traceback
         (["--seed", str(2**64 - 1)], f"seed must be at most {2**32 - 1}, got {2**64 - 1}"),
         (["--threads", "100000"], "--threads 100000 is more than this machine's"),
         (
@@ -203,6 +204,8 @@ def test_a_fresh_run_leaves_no_best_checkpoint_of_an_earlier_one(tmp_path: Path)
         (["--data-dir", "somewhere"], "--data-dir is for the idx and folder datasets"),
         (["--seed", "-1"], "seed must be at least 0, got -1"),
         (["--image-size", "28"], "--image-size is for the folder dataset; digits images keep their own size"),
+        # Was numpy's traceback, failing to allocate the images.
+        (["--dataset", "folder", "--image-size", "100000"], "image_size must be at most 1024, got 100000"),
         (["--channels", "3"], "--channels is for the folder dataset"),
         (["--foreground", "dark"], "--foreground describes idx and folder images; digits are light strokes"),
     ],
@@ -274,14 +277,15 @@ def test_a_run_whose_loss_becomes_nan_stops_at_that_epoch(
     )
     last = load_checkpoint(run / "last.pt")
     assert last.epoch == 1 and all(torch.isfinite(t).all() for t in last.model.values())
-    # Diverged in its first epoch: there is no epoch before to point to.
+    # Diverged in its first epoch: there is no epoch before to point to, nor a checkpoint of the run that
+    # was in --out before (--resume would have continued that one).
     calls = 1000  # every loss NaN from the first step on
-    assert main(["train", "--out", str(tmp_path / "first"), "--epochs", "4", *QUICK]) == 2
+    assert main(["train", "--out", str(run), "--epochs", "4", *QUICK]) == 2
     assert (
         "in epoch 1: the run diverged (a lower --lr may help); no checkpoint was written"
         in capsys.readouterr().err
     )
-    assert not (tmp_path / "first" / "last.pt").exists()
+    assert not (run / "last.pt").exists() and not (run / "best.pt").exists()
 
 
 def test_a_choice_flag_takes_only_its_choices(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -389,6 +393,18 @@ def test_unreadable_checkpoints_and_outputs_are_named(
         err = capsys.readouterr().err
         assert f"error: {path}: not a checkpoint" in err and "Traceback" not in err
         assert "weights_only=False" not in err  # torch's advice to load the file unsafely is not passed on
+    # From a version with settings this one lacks: named, not a TypeError from the config's constructor.
+    later = tmp_path / "later.pt"
+    raw = torch.load(tiny_run / "best.pt", weights_only=True)
+    torch.save({**raw, "config": {**raw["config"], "norm": "layer"}}, later)
+    export = ["export", "--checkpoint", str(later), "--out", str(tmp_path / "model")]
+    for command in (["evaluate", "--checkpoint", str(later)], export):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert (
+            f"error: {later}: written by another version of this package: its config has norm, which this "
+            "version does not know"
+        ) in err and "Traceback" not in err
     assert main(["evaluate", "--checkpoint", str(tiny_run)]) == 2
     assert f"error: {tiny_run}: is a directory; name a checkpoint file in it" in capsys.readouterr().err
     occupied = tmp_path / "file"
@@ -452,6 +468,22 @@ def test_a_relative_data_dir_not_found_says_where_it_was_looked_for(
             "run this from the directory it was trained in"
         )
     )
+
+    def resume(epochs: int, *flags: str) -> int:
+        return main(["train", "--out", str(tmp_path / "run"), "--resume", "--epochs", str(epochs), *flags])
+
+    assert resume(2) == 2
+    advice = "(or resume it with --data-dir where the images are now)"
+    assert capsys.readouterr().err.strip().endswith(f"run this from the directory it was trained in {advice}")
+    # The same images, named another way or moved: resumed (their SHA-256 says they are the run's).
+    assert resume(2, "--data-dir", str(tmp_path / "data")) == 0
+    assert load_checkpoint(tmp_path / "run" / "last.pt").train_config["data_dir"] == str(tmp_path / "data")
+    (tmp_path / "data").rename(elsewhere / "moved")
+    assert resume(3, "--data-dir", "moved") == 0
+    # Other images are not the run's data.
+    Image.new("L", (8, 8), 255).save(elsewhere / "moved" / "00.png")
+    assert resume(4, "--data-dir", "moved") == 2
+    assert "the images differ from those this checkpoint was trained on" in capsys.readouterr().err
 
 
 def test_the_weight_average_warms_up_so_that_a_short_run_is_not_its_initial_weights(tmp_path: Path) -> None:
