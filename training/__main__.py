@@ -159,6 +159,7 @@ def _run(args: argparse.Namespace) -> None:
             _refuse_idle_flags(train_given, tcfg, model_given, mcfg.architecture)
         else:
             tcfg = TrainConfig(**train_given)
+            tcfg.check_new_run()
             # The image shape comes from the data; `train` uses the splits read for it.
             architecture = model_given.get("architecture", VAEConfig.architecture)
             _refuse_idle_flags(train_given, tcfg, model_given, architecture)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from training.model import VAE, DiagonalGaussian, VAEConfig
 
-__all__ = ["Metrics", "active_units", "evaluate", "iwae_nll"]
+__all__ = ["IWAE_VALUES", "Metrics", "active_units", "evaluate", "iwae_nll", "widest_layer"]
 
 # The importance draws' seed is the run's seed XOR this. torch seeds a generator from the low 32 bits of its
 # seed alone: an offset of 2^32 (or any multiple) would give the one-sample stream again.
@@ -22,11 +22,12 @@ IWAE_VALUES = 1 << 25
 
 
 def widest_layer(cfg: VAEConfig) -> int:
-    """Values per image in the model's widest activation: its pixels, a hidden layer or a convolution's."""
+    """Values per image in the model's widest activation: its pixels, latents, a hidden layer or a
+    convolution's."""
     if cfg.architecture == "mlp":
-        return max(cfg.pixels, *cfg.hidden)
+        return max(cfg.pixels, cfg.latent_dim, *cfg.hidden)
     stages = (c * (cfg.height >> i) * (cfg.width >> i) for i, c in enumerate(cfg.conv_channels, start=1))
-    return max(cfg.pixels, cfg.conv_dense, *stages)
+    return max(cfg.pixels, cfg.latent_dim, cfg.conv_dense, *stages)
 
 
 @dataclass(frozen=True)

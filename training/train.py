@@ -78,8 +78,6 @@ class TrainConfig:
         for name, low in (("epochs", 1), ("batch_size", 1), ("image_size", 1), ("seed", 0), ("threads", 0)):
             if getattr(self, name) < low:
                 raise ValueError(f"{name} must be at least {low}, got {getattr(self, name)}")
-        if self.image_size > MAX_IMAGE_SIZE:
-            raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {self.image_size}")
         if self.seed > MAX_SEED:
             raise ValueError(f"seed must be at most {MAX_SEED}, got {self.seed}")
         for name in ("weight_decay", "beta", "warmup_epochs", "free_bits"):
@@ -87,8 +85,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number, 0 or more, got {getattr(self, name)}")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        if not 0 < self.lr <= 1:  # NaN fails too; Adam's steps are about lr each: past 1 is no learning rate
-            raise ValueError(f"lr must be in (0, 1], got {self.lr}")
+        if not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite number above 0, got {self.lr}")
         if not 0 < self.lr_min_ratio <= 1:
             raise ValueError(f"lr_min_ratio must be in (0, 1], got {self.lr_min_ratio}")
         if not 0 <= self.ema_decay < 1:
@@ -101,6 +99,15 @@ class TrainConfig:
                 f"val_fraction + test_fraction must leave images to train on, got "
                 f"{self.val_fraction} + {self.test_fraction}"
             )
+
+    def check_new_run(self) -> None:
+        """ValueError for settings a new run may not start with, though a checkpoint of an earlier version
+        may hold them (it still loads): an lr past 1 (Adam's steps are about lr each; 1e38 overflows in it),
+        an image_size past MAX_IMAGE_SIZE (a folder's images would not fit in memory)."""
+        if self.lr > 1:
+            raise ValueError(f"lr must be in (0, 1], got {self.lr}")
+        if self.image_size > MAX_IMAGE_SIZE:
+            raise ValueError(f"image_size must be at most {MAX_IMAGE_SIZE}, got {self.image_size}")
 
 
 @dataclass
@@ -313,9 +320,11 @@ def _train(
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     ckpt = load_checkpoint(out / "last.pt") if resume else None
-    if ckpt is not None:  # before the data is read: a changed setting may change what is read
+    if ckpt is None:
+        cfg.check_new_run()
+    else:  # before the data is read: a changed setting may change what is read
         _check_resumable(out / "last.pt", ckpt, model_cfg, cfg)
-        if splits is None:
+        if splits is None and cfg.data_dir == ckpt.train_config.get("data_dir"):
             _check_relative_data_dir(cfg, resuming=True)
     if splits is None:
         splits = load_splits(cfg)
@@ -503,7 +512,12 @@ def _check_resumable(path: Path, ckpt: Checkpoint, model_cfg: VAEConfig, cfg: Tr
     if differ:
         raise ValueError(
             f"{path}: a resumed run keeps its own settings, and these differ from them: {'; '.join(differ)} "
-            f"(only {' and '.join(sorted(RESUMABLE))} may change)"
+            f"(only {', '.join(sorted(RESUMABLE))} may change)"
+        )
+    if ckpt.data_sha256 is None and cfg.data_dir != ckpt.train_config.get("data_dir"):
+        raise ValueError(
+            f"{path}: --data-dir {cfg.data_dir} is not the run's ({ckpt.train_config.get('data_dir')}), and "
+            "this checkpoint is of a version that did not record its data's SHA-256 to check them against"
         )
     if cfg.epochs <= ckpt.epoch:
         raise ValueError(

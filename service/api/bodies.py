@@ -308,19 +308,21 @@ class _Files:
 
 
 def _filename(disposition: bytes, options: Mapping[bytes, bytes]) -> str | None:
-    """The file name a part's Content-Disposition gives, plain or RFC 2231-encoded (`charset'lang'%XX..`,
-    with the plain one first, as RFC 6266 has it); None for a text field, which gives neither."""
+    """The file name a part's Content-Disposition gives, RFC 2231-encoded (`charset'lang'%XX..`, which RFC
+    6266 has recipients prefer) or plain; None for a text field, which gives neither."""
+    extended = _EXTENDED_FILENAME.search(disposition)
+    if extended is not None:
+        value = extended.group(1).strip().strip(b'"').decode("latin-1")
+        charset, _, rest = value.partition("'")
+        _, _, encoded = rest.partition("'")
+        # RFC 5987 allows UTF-8 and ISO-8859-1; anything else is read as UTF-8.
+        known = charset.lower() in ("iso-8859-1", "latin-1", "latin1")
+        return unquote(
+            encoded if rest else value, encoding="iso-8859-1" if known else "utf-8", errors="replace"
+        )
     if b"filename" in options:
         return options[b"filename"].decode("utf-8", "replace")
-    extended = _EXTENDED_FILENAME.search(disposition)
-    if extended is None:
-        return None
-    charset, _, rest = extended.group(1).strip().decode("latin-1").partition("'")
-    _, _, encoded = rest.partition("'")
-    try:
-        return unquote(encoded, encoding=charset or "utf-8", errors="replace")
-    except LookupError:  # a charset Python does not know
-        return unquote(encoded, encoding="utf-8", errors="replace")
+    return None
 
 
 def quoted(value: object) -> str:

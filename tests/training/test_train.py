@@ -180,8 +180,8 @@ def test_a_fresh_run_leaves_no_best_checkpoint_of_an_earlier_one(tmp_path: Path)
         (["--free-bits", "inf"], "free_bits must be a finite number, 0 or more, got inf"),
         (["--weight-decay", "inf"], "weight_decay must be a finite number, 0 or more, got inf"),
         (["--ema-decay", "1"], "ema_decay must be in [0, 1)"),
-        (["--lr", "0"], "lr must be in (0, 1], got 0.0"),
-        (["--lr", "inf"], "lr must be in (0, 1], got inf"),
+        (["--lr", "0"], "lr must be a finite number above 0, got 0.0"),
+        (["--lr", "inf"], "lr must be a finite number above 0, got inf"),
         (["--lr", "1e38"], "lr must be in (0, 1], got 1e+38"),  # was Adam's overflow traceback
         (["--seed", str(2**64 - 1)], f"seed must be at most {2**32 - 1}, got {2**64 - 1}"),
         (["--threads", "100000"], "--threads 100000 is more than this machine's"),
@@ -480,10 +480,35 @@ def test_a_relative_data_dir_not_found_says_where_it_was_looked_for(
     assert load_checkpoint(tmp_path / "run" / "last.pt").train_config["data_dir"] == str(tmp_path / "data")
     (tmp_path / "data").rename(elsewhere / "moved")
     assert resume(3, "--data-dir", "moved") == 0
+    # A --data-dir given that is not there is named as given.
+    assert resume(4, "--data-dir", "typo") == 2
+    assert capsys.readouterr().err.strip().endswith("\nerror: typo: image folder not found")
     # Other images are not the run's data.
     Image.new("L", (8, 8), 255).save(elsewhere / "moved" / "00.png")
     assert resume(4, "--data-dir", "moved") == 2
     assert "the images differ from those this checkpoint was trained on" in capsys.readouterr().err
+    # A checkpoint of a version that recorded no SHA-256 of its data: nothing to check other images against.
+    last = tmp_path / "run" / "last.pt"
+    torch.save({**torch.load(last, weights_only=True), "data_sha256": None}, last)
+    assert resume(4, "--data-dir", str(elsewhere / "moved")) == 2
+    assert "this checkpoint is of a version that did not record its data's SHA-256" in capsys.readouterr().err
+
+
+def test_settings_a_new_run_may_not_take_still_load_from_an_earlier_versions_checkpoint(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """lr past 1 became a refusal for new runs (1e38 overflowed in Adam); a checkpoint that holds one still
+    evaluates and exports."""
+    old = tmp_path / "old.pt"
+    raw = torch.load(tiny_run / "best.pt", weights_only=True)
+    torch.save({**raw, "train_config": {**raw["train_config"], "lr": 2.0}}, old)
+    assert main(["evaluate", "--checkpoint", str(old), "--iwae-samples", "2"]) == 0
+    assert (
+        main(["export", "--checkpoint", str(old), "--out", str(tmp_path / "model"), "--iwae-samples", "2"])
+        == 0
+    )
+    assert main(["train", "--out", str(tmp_path / "new"), "--lr", "2", *QUICK]) == 2
+    assert "lr must be in (0, 1], got 2.0" in capsys.readouterr().err
 
 
 def test_the_weight_average_warms_up_so_that_a_short_run_is_not_its_initial_weights(tmp_path: Path) -> None:

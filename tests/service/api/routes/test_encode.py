@@ -146,8 +146,11 @@ def test_a_format_whose_header_does_not_bound_the_decode_is_read_on_the_thread(
     block = b"icp4" + struct.pack(">I", 8 + len(embedded)) + embedded
     icns = b"icns" + struct.pack(">I", 8 + len(block)) + block
     assert len(icns) < bodies.INLINE_BYTES and "ICNS" not in imaging.SIZED_FORMATS
-    # Pillow decodes the 1024 x 1024 PNG, then refuses it for not being the 16 x 16 it named.
+    # The thread refuses the format by name (Pillow would decode the 1024 x 1024 PNG at load).
     assert decoding_threads(client, monkeypatch, icns, status=400) == [False, True]
+    assert detail(client.post("/encode", files=files(icns)), 400).endswith(
+        "is in the ICNS format, which this server does not decode"
+    )
 
 
 def test_json_base64_matches_multipart(client: TestClient) -> None:
@@ -341,8 +344,21 @@ def test_part_named_by_extended_filename_only_is_a_file(client: TestClient) -> N
     assert extended.json() == plain.json()
     response = client.post("/encode", **_one_part(b"filename*=utf-8'en'%E2%82%AC%20notes.txt", b"text"))
     assert detail(response, 400) == "file 0 ('€ notes.txt') is not an image format Pillow can read"
-    unknown_charset = client.post("/encode", **_one_part(b"filename*=x-unknown''a%2Etxt", b"text"))
-    assert detail(unknown_charset, 400) == "file 0 ('a.txt') is not an image format Pillow can read"
+    # The label is always some name: charsets past RFC 5987's two (Python's codecs would raise on some of
+    # them) are read as UTF-8, a quoted value is unquoted, and the extended name comes before the plain one.
+    for disposition, name in (
+        (b"filename*=x-unknown''a%2Etxt", "a.txt"),
+        (b"filename*=punycode''%FF.txt", "\ufffd.txt"),
+        (b"filename*=undefined''%41.txt", "A.txt"),
+        (b"filename*=ISO-8859-1''%E9.txt", "\xe9.txt"),
+        (b"filename*=\"UTF-8''q.txt\"", "q.txt"),
+        (b"filename*=bare.txt", "bare.txt"),
+        (b"filename=plain.txt; filename*=UTF-8''extended.txt", "extended.txt"),
+    ):
+        response = client.post("/encode", **_one_part(disposition, b"text"))
+        assert detail(response, 400) == f"file 0 ({name!r}) is not an image format Pillow can read", (
+            disposition
+        )
 
 
 def test_too_many_images_is_422(limited: TestClient) -> None:
