@@ -42,6 +42,12 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 }
 
 
+def _versus(loss: float, reference: float) -> str:
+    """`2.9 % lower` (or higher) than `reference`."""
+    change = 100 * (1 - loss / reference)
+    return f"{abs(change):.1f} % {'lower' if change >= 0 else 'higher'}"
+
+
 def _describe(name: str) -> str:
     """A variant's name with what it changes: `wider (hidden=[1024, 1024])`."""
     model_overrides, train_overrides = VARIANTS[name]
@@ -168,7 +174,7 @@ def main() -> None:
         }
         print(
             f"seed {seed}: pytorch/examples recipe {reference:.2f} nats/image ({reference_s:.0f} s), "
-            f"default recipe {ours:.2f} ({ours_s:.0f} s), {100 * (1 - ours / reference):.1f} % lower; "
+            f"default recipe {ours:.2f} ({ours_s:.0f} s), {_versus(ours, reference)}; "
             f"on their training images {reference_train:.2f} and {ours_train:.2f}; "
             f"no decoder scores below {row['floor']:.2f} and {row['floor_train']:.2f}",
             flush=True,
@@ -196,7 +202,7 @@ def main() -> None:
     print(
         f"mean over seeds {args.seeds}, {args.epochs} epochs: "
         f"reference {mean_ref:.2f}, default {mean_ours:.2f} nats/image: "
-        f"{100 * (1 - mean_ours / mean_ref):.1f} % lower (10 % lower is {0.9 * mean_ref:.2f}); "
+        f"{_versus(mean_ours, mean_ref)} (10 % lower is {0.9 * mean_ref:.2f}); "
         f"on their training images {mean_ref_train:.2f} and {mean_ours_train:.2f}; "
         f"no decoder scores below {floor:.2f} and {floor_train:.2f} "
         f"({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})"
@@ -205,7 +211,7 @@ def main() -> None:
         test, train_loss = (mean([r["variants"][name][key] for r in rows]) for key in ("test", "train"))
         print(
             f"  variant {_describe(name)}: {test:.2f} "
-            f"({100 * (1 - test / mean_ref):.1f} % lower than the reference); "
+            f"({_versus(test, mean_ref)} than the reference); "
             f"on its training images {train_loss:.2f}"
         )
     if args.json:
