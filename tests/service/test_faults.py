@@ -273,22 +273,22 @@ def test_a_flood_past_the_in_flight_limit_is_refused_fast(model_dir: Path, free_
         held = [start_upload(free_port, body) for _ in range(limit)]
         time.sleep(0.5)
 
-        async def flood() -> list[tuple[int, str | None, float]]:
+        async def flood() -> list[tuple[int, str | None]]:
             limits = httpx2.Limits(max_connections=64)
+            # The held uploads finish only after the flood: requests that were queued rather than refused
+            # would time out.
             async with httpx2.AsyncClient(base_url=base, timeout=10.0, limits=limits) as http:
 
-                async def one(path: str) -> tuple[int, str | None, float]:
-                    start = time.monotonic()
+                async def one(path: str) -> tuple[int, str | None]:
                     response = await http.get(path)
-                    return response.status_code, response.headers.get("retry-after"), time.monotonic() - start
+                    return response.status_code, response.headers.get("retry-after")
 
                 paths = ["/sample?n=4", "/model", "/sample?n=1&format=grid"] * 40
                 return await asyncio.gather(*(one(path) for path in paths))
 
         refused = asyncio.run(flood())
-        assert {status for status, _, _ in refused} == {503}
-        assert {retry_after for _, retry_after, _ in refused} == {"1"}
-        assert max(seconds for _, _, seconds in refused) < 2.0  # refused at once, not queued
+        assert {status for status, _ in refused} == {503}
+        assert {retry_after for _, retry_after in refused} == {"1"}
         with httpx2.Client(base_url=base, timeout=5.0) as http:
             assert http.get("/ready").status_code == 200  # probes are never refused
             assert http.get("/health").status_code == 200

@@ -45,6 +45,15 @@ def test_loads_and_runs(settings: Settings, card: ModelCard) -> None:
     assert (x_mean >= 0).all() and (x_mean <= 1).all()
 
 
+def test_sessions_run_with_the_configured_threads_and_do_not_spin(settings: Settings) -> None:
+    """VAE_INTRA_OP_THREADS reaches ONNX Runtime (replicas that share a CPU host each set their share)."""
+    model = load_model(settings.model_copy(update={"intra_op_threads": 3}))
+    for session in (model.encoder, model.decoder):
+        options = session.get_session_options()
+        assert options.intra_op_num_threads == 3
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
 def test_images_reach_the_encoder_in_the_cards_pixel_range(model_copy: Path, card: ModelCard) -> None:
     """A model trained on pixels in [-1, 1] gets the images (read in [0, 1]) as 2x - 1."""
     edit_card(model_copy, lambda raw: raw["input"].update(pixel_range=[-1.0, 1.0]))

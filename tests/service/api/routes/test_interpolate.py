@@ -9,7 +9,7 @@ from fastapi.testclient import TestClient
 from service.model_card import ModelCard
 from service.schemas import DecodeResponse, EncodeResponse, InterpolateResponse
 from tests.service.conftest import LIMITS
-from tests.service.helpers import body, decoded_png, detail, digit_png, files, messages
+from tests.service.helpers import body, decoded_png, detail, digit_png, files, messages, png
 
 
 def ends(d: int) -> list[list[float]]:
@@ -59,6 +59,17 @@ def test_between_two_images_uses_their_means(client: TestClient) -> None:
     encoded = body(client.post("/encode", files=images), EncodeResponse)
     np.testing.assert_allclose(result.latents[0], encoded.mu[0], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(result.latents[-1], encoded.mu[1], rtol=1e-6, atol=1e-7)
+
+
+def test_invert_reads_dark_on_light_images(client: TestClient) -> None:
+    pixels = np.random.default_rng(2).integers(0, 256, size=(2, 8, 8), dtype=np.uint8)
+    plain = body(client.post("/interpolate?steps=3", files=files(*map(png, pixels))), InterpolateResponse)
+    dark = files(*(png(255 - p) for p in pixels))
+    inverted = body(client.post("/interpolate?steps=3&invert=true", files=dark), InterpolateResponse)
+    as_sent = body(client.post("/interpolate?steps=3", files=dark), InterpolateResponse)
+    assert not np.allclose(as_sent.latents, plain.latents)
+    # 1 - (1 - x) in float32 can differ from x by one ulp.
+    np.testing.assert_allclose(inverted.latents, plain.latents, rtol=1e-5, atol=1e-6)
 
 
 def test_grid(client: TestClient, card: ModelCard) -> None:

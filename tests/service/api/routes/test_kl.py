@@ -11,7 +11,7 @@ from torch.distributions import Normal, kl_divergence
 from service.model_card import ModelCard
 from service.schemas import EncodeResponse, KLResponse
 from tests.service.conftest import LIMITS
-from tests.service.helpers import body, detail, digit_png, files, messages
+from tests.service.helpers import body, detail, digit_png, files, messages, png
 
 
 def gaussians(n: int, d: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -80,6 +80,16 @@ def test_images_give_the_kl_of_their_posterior(client: TestClient) -> None:
     encoded = body(client.post("/encode", files=images), EncodeResponse)
     np.testing.assert_allclose(from_images.kl, encoded.kl, rtol=1e-12)
     np.testing.assert_allclose(np.sum(from_images.kl_per_dim, axis=1), from_images.kl, rtol=1e-12)
+
+
+def test_invert_reads_dark_on_light_images(client: TestClient) -> None:
+    pixels = np.random.default_rng(1).integers(0, 256, size=(2, 8, 8), dtype=np.uint8)
+    plain = body(client.post("/kl", files=files(*map(png, pixels))), KLResponse)
+    dark = files(*(png(255 - p) for p in pixels))
+    inverted = body(client.post("/kl?invert=true", files=dark), KLResponse)
+    assert not np.allclose(body(client.post("/kl", files=dark), KLResponse).kl, plain.kl)
+    # 1 - (1 - x) in float32 can differ from x by one ulp.
+    np.testing.assert_allclose(inverted.kl, plain.kl, rtol=1e-5)
 
 
 def test_unreadable_image_is_400(client: TestClient) -> None:
