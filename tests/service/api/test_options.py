@@ -131,3 +131,20 @@ def test_npy_is_the_array_as_numpy_reads_it(client: TestClient, card: ModelCard)
     images = np.load(io.BytesIO(response.content), allow_pickle=False)
     assert images.dtype == np.float32 and images.shape == (5, *card.input_shape)
     np.testing.assert_array_equal(images, np.asarray(array.images, dtype=np.float32))
+
+
+@pytest.mark.parametrize("route", ["/decode", "/reconstruct", "/interpolate"])
+def test_every_route_with_npy_gives_its_images_array(client: TestClient, card: ModelCard, route: str) -> None:
+    """`format=npy` is the same (N, C, H, W) float32 images as `format=array`, on each route that has it."""
+    if route == "/decode":
+        z = np.random.default_rng(5).normal(size=(3, card.latent_dim)).tolist()
+        request: dict[str, object] = {"json": {"latents": z}}
+    else:
+        request = {"files": files(digit_png(1), digit_png(7))}
+    array = client.post(f"{route}?format=array", **request)
+    response = client.post(f"{route}?format=npy", **request)
+    assert response.status_code == array.status_code == 200, response.text
+    assert response.headers["content-type"] == "application/x-npy"
+    images = np.load(io.BytesIO(response.content), allow_pickle=False)
+    assert images.dtype == np.float32 and images.shape[1:] == card.input_shape
+    np.testing.assert_array_equal(images, np.asarray(array.json()["images"], dtype=np.float32))
