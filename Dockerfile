@@ -43,7 +43,30 @@ RUN python -m venv "$VIRTUAL_ENV" \
     && pip install . "onnxruntime-gpu[cuda,cudnn]==${ORT_VERSION}" \
     && rm "$VIRTUAL_ENV/bin/vae-train"
 
-# ---- runtime: the API (default target) ----
+# ---- trainer: torch, `make train`'s two commands, writing into the models volume ----
+# The CPU build of torch by default: the default recipe (digits, an MLP) trains in minutes on a CPU, and
+# a CUDA torch would add gigabytes and its own CUDA version next to onnxruntime's. On a GPU host build
+# with --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 and reserve a GPU for it.
+FROM base AS trainer
+ARG TORCH_VERSION
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service/ service/
+COPY training/ training/
+# torch first, pinned and from the CPU index, so that the `train` extra never pulls a CUDA build.
+# DL3013 (pin versions) would have the project itself pinned: its dependencies are pyproject.toml's ranges.
+# hadolint ignore=DL3013
+RUN python -m venv "$VIRTUAL_ENV" \
+    && pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}" \
+    && pip install ".[train]"
+# matplotlib (the export's plots) wants a writable config directory.
+ENV MPLCONFIGDIR=/tmp/matplotlib
+USER 10001:10001
+WORKDIR /runs
+CMD ["sh", "-c", "python -m training train --out /runs/default && python -m training export --checkpoint /runs/default/best.pt --out /models/default"]
+
+# ---- runtime: the API; the last stage, so the one `docker build .` builds without --target ----
 FROM base AS runtime
 ARG PYTHON_VERSION
 # onnxruntime finds the CUDA and cuDNN libraries of the NVIDIA wheels through the loader path.
@@ -67,26 +90,3 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
 # `make serve`, listening on all interfaces of the container.
 CMD ["python", "-m", "service", "--host", "0.0.0.0", "--port", "8000"]
-
-# ---- trainer: torch, `make train`'s two commands, writing into the models volume ----
-# The CPU build of torch by default: the default recipe (digits, an MLP) trains in minutes on a CPU, and
-# a CUDA torch would add gigabytes and its own CUDA version next to onnxruntime's. On a GPU host build
-# with --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 and reserve a GPU for it.
-FROM base AS trainer
-ARG TORCH_VERSION
-ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY service/ service/
-COPY training/ training/
-# torch first, pinned and from the CPU index, so that the `train` extra never pulls a CUDA build.
-# DL3013 (pin versions) would have the project itself pinned: its dependencies are pyproject.toml's ranges.
-# hadolint ignore=DL3013
-RUN python -m venv "$VIRTUAL_ENV" \
-    && pip install --index-url "$TORCH_INDEX_URL" "torch==${TORCH_VERSION}" \
-    && pip install ".[train]"
-# matplotlib (the export's plots) wants a writable config directory.
-ENV MPLCONFIGDIR=/tmp/matplotlib
-USER 10001:10001
-WORKDIR /runs
-CMD ["sh", "-c", "python -m training train --out /runs/default && python -m training export --checkpoint /runs/default/best.pt --out /models/default"]

@@ -57,7 +57,7 @@ train-quality: $(VENV)/.dev-installed
 	$(BIN)/python bench/train_quality.py --json bench/results/train-quality-$$(date -u +%Y-%m-%d).json
 
 # Requests per second and latency of the served model against its own /health and a naive peer, batching
-# on and off; writes bench/results/<date>.json and .md. Needs wrk (apt-get install wrk).
+# on and off; writes bench/results/<date>-<time>.json and .md. Needs wrk (apt-get install wrk).
 bench: $(VENV)/.dev-installed
 	$(BIN)/python bench/run.py
 

@@ -7,7 +7,7 @@ stack; it and each case take turns twice, so that drift in the load falls on bot
 (`bench/peers/naive.py`: FastAPI + PyTorch eager, same weights, Pydantic float lists). Then batching on vs
 off for /encode (one image) and /decode (one latent), at 1 and 64 connections, for the default model and
 for a conv model with 28x28 input trained here for one epoch, the two servers taking turns. Cases that miss
-their target are profiled with py-spy. Writes bench/results/<date>.json and .md.
+their target are profiled with py-spy. Writes bench/results/<date>-<time>.json and .md.
 
     python bench/run.py                 # what `make bench` runs
     python bench/run.py --seconds 1     # a quick check of the harness itself
@@ -681,7 +681,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=int, default=6, help="wrk duration of each case (default 6)")
     parser.add_argument("--no-profile", action="store_true", help="do not profile the cases that miss")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for <date>.json and .md")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory for <date>-<time>.json and .md")
     args = parser.parse_args(argv)
     if shutil.which("wrk") is None:
         print("wrk is not installed; on Debian or Ubuntu: apt-get install wrk", file=sys.stderr)

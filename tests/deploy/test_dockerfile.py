@@ -50,6 +50,12 @@ def test_hadolint_passes() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_a_build_without_target_is_the_api(dockerfile: Dockerfile) -> None:
+    """`docker build .` builds the last stage: the README's `docker build -t vae-service .` and the
+    Kubernetes image must be the API, not the trainer (which was last, and trained and exited)."""
+    assert list(dockerfile.stages)[-1] == "runtime"
+
+
 def test_runtime_runs_make_serve_on_all_interfaces(runtime: Stage) -> None:
     assert runtime.one("CMD").exec_form() == serve_command()
 
