@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         timeout_graceful_shutdown=settings.drain_timeout,
+        timeout_keep_alive=settings.keep_alive_timeout,
     )
     server = Server(config)
     server.run()

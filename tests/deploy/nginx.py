@@ -16,7 +16,7 @@ __all__ = ["CONF", "directives", "loopback", "main_config"]
 CONF = REPO / "deploy" / "nginx" / "load-balancer.conf"
 
 # The upstream server and the listen directive that `loopback` replaces (one of each in the file).
-_UPSTREAM_SERVER = re.compile(r"^(\s*)server\s+[^;{]+;", re.MULTILINE)
+_UPSTREAM_SERVER = re.compile(r"^(\s*)server\s+([^;{]+);", re.MULTILINE)
 _LISTEN = re.compile(r"^(\s*)listen\s+[^;]+;", re.MULTILINE)
 
 
@@ -37,8 +37,10 @@ def loopback(text: str, upstreams: Sequence[str], port: int) -> str:
     upstream_block = re.search(r"upstream\s+\w+\s*\{[^}]*\}", text)
     assert upstream_block, "the configuration has no upstream block"
     block = upstream_block[0]
-    assert len(_UPSTREAM_SERVER.findall(_without_comments(block))) == 1, "expected one upstream server"
-    servers = "".join(f"\\1server {address};\n" for address in upstreams).rstrip("\n")
+    ((_, deployed),) = _UPSTREAM_SERVER.findall(_without_comments(block))  # one upstream server
+    # Its parameters stay (max_fails=0 ...), but for `resolve`: the addresses here are IPs.
+    parameters = "".join(f" {word}" for word in deployed.split()[1:] if word != "resolve")
+    servers = "".join(f"\\1server {address}{parameters};\n" for address in upstreams).rstrip("\n")
     block = _UPSTREAM_SERVER.sub(servers, block)
     text = text.replace(upstream_block[0], block)
     text, listens = _LISTEN.subn(rf"\1listen 127.0.0.1:{port};", text)

@@ -100,6 +100,7 @@ def test_api_keys_that_name_no_key_fail_fast(env: pytest.MonkeyPatch, value: str
         "MAX_IMAGE_PIXELS",
         "MAX_REQUEST_PIXELS",
         "DRAIN_TIMEOUT",
+        "KEEP_ALIVE_TIMEOUT",
         "BODY_TIMEOUT",
         "STALL_TIMEOUT",
     ],

@@ -417,3 +417,24 @@ def test_startup_faults_exit_non_zero_with_a_clear_message(
             assert first_error["message"].startswith("cannot serve the model: "), output
             assert message in first_error["message"], output
         assert "Uvicorn running on" not in output, f"{name} listened:\n{output}"
+
+
+@pytest.mark.slow
+def test_idle_connections_close_after_the_keep_alive_timeout(model_dir: Path, free_port: int) -> None:
+    """VAE_KEEP_ALIVE_TIMEOUT reaches uvicorn (whose own 5 s is below the 60 s a proxy in front keeps its
+    idle connections open): a connection idle for less is reused, one idle for more is closed."""
+    process = ready_server(free_port, model_dir, VAE_KEEP_ALIVE_TIMEOUT="2")
+    connection = http.client.HTTPConnection("127.0.0.1", free_port, timeout=5)
+    try:
+        for idle in (0.0, 0.5):
+            time.sleep(idle)
+            connection.request("GET", "/health")
+            assert connection.getresponse().read() == b'{"status":"ok"}'
+        sock = connection.sock
+        assert sock is not None  # the same connection served both
+        time.sleep(3)  # past the 2 s, short of uvicorn's default 5 s
+        sock.settimeout(0.5)  # an open connection times out here instead of reading the close
+        assert sock.recv(1) == b""  # closed by the server
+    finally:
+        connection.close()
+        stop(process)
