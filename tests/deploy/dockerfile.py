@@ -201,6 +201,7 @@ class Replay:
     def stage(self, name: str, *, run: bool) -> StageState:
         """Apply the stage and the stages below it; RUN executes only when `run` (and only this stage's)."""
         stages = self.dockerfile.chain(name)
+        self.root.mkdir(parents=True, exist_ok=True)  # the image's `/`, a RUN's directory before any WORKDIR
         state = StageState(args={}, env={}, workdir=self.root)
         for stage in stages:
             for ins in stage.instructions:
