@@ -112,10 +112,11 @@ class Settings(BaseSettings):
     # Seconds `python -m service` gives requests in flight to finish after SIGTERM before it cancels them;
     # below the orchestrator's grace period (compose: 30 s), so that shutdown completes before SIGKILL.
     drain_timeout: int = Field(default=20, ge=1)
-    # Seconds an idle keep-alive connection stays open (uvicorn's default is 5). Above the idle timeout of
-    # the proxy in front (ingress-nginx and cloud load balancers keep theirs 60 s): a proxy that sends a
-    # request on a connection the server is closing gets a 502, which it does not retry for a POST.
-    keep_alive_timeout: int = Field(default=75, ge=1)
+    # Seconds an idle keep-alive connection stays open (uvicorn's default is 5, the least taken: Compose's
+    # nginx closes its own after 4). Above the idle timeout of the proxy in front (ingress-nginx and AWS's
+    # load balancers: 60 s; Google Cloud's: 600 s, so 620 there): a proxy that sends a request on a
+    # connection the server is closing gets a 502, which it does not retry for a POST.
+    keep_alive_timeout: int = Field(default=75, ge=5)
     # Seconds one model run may take before /health and /ready answer 503: a run that never returns (a
     # hung GPU) leaves every later request waiting, and the orchestrator's liveness probe then restarts
     # the process.

@@ -325,7 +325,8 @@ def _train(
     else:  # before the data is read: a changed setting may change what is read
         _check_resumable(out / "last.pt", ckpt, model_cfg, cfg)
         if splits is None and cfg.data_dir == ckpt.train_config.get("data_dir"):
-            _check_relative_data_dir(cfg, resuming=True)
+            # --data-dir elsewhere is advice only where the images' SHA-256 can show they are the run's.
+            _check_relative_data_dir(cfg, resuming=ckpt.data_sha256 is not None)
     if splits is None:
         splits = load_splits(cfg)
     train_split, val_split, _, source, data_sha256 = splits
@@ -517,7 +518,8 @@ def _check_resumable(path: Path, ckpt: Checkpoint, model_cfg: VAEConfig, cfg: Tr
     if ckpt.data_sha256 is None and cfg.data_dir != ckpt.train_config.get("data_dir"):
         raise ValueError(
             f"{path}: --data-dir {cfg.data_dir} is not the run's ({ckpt.train_config.get('data_dir')}), and "
-            "this checkpoint is of a version that did not record its data's SHA-256 to check them against"
+            "this checkpoint is of a version that did not record its data's SHA-256 to check them against: "
+            "resume it without --data-dir, from the directory it was trained in"
         )
     if cfg.epochs <= ckpt.epoch:
         raise ValueError(

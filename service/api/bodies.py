@@ -61,7 +61,10 @@ FILES_FIELD = "files"
 _NAME_CHARS = 64
 # RFC 2231's extended file name (`filename*=utf-8''%E2%82%AC.png`), which python-multipart's header parser
 # drops: RFC 7578 asks senders not to use it, but a part that carries only it is still a file.
-_EXTENDED_FILENAME = re.compile(rb";\s*filename\*\s*=\s*([^;]*)", re.IGNORECASE)
+# Quoted strings are matched whole (and passed over), so that a plain name holding `; filename*=` is no
+# extended name, nor a `;` inside a quoted extended one its end.
+_QUOTED = rb'"(?:\\.|[^"\\])*"'
+_EXTENDED_FILENAME = re.compile(_QUOTED + rb"|;\s*filename\*\s*=\s*(" + _QUOTED + rb"|[^;]*)", re.IGNORECASE)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -310,9 +313,9 @@ class _Files:
 def _filename(disposition: bytes, options: Mapping[bytes, bytes]) -> str | None:
     """The file name a part's Content-Disposition gives, RFC 2231-encoded (`charset'lang'%XX..`, which RFC
     6266 has recipients prefer) or plain; None for a text field, which gives neither."""
-    extended = _EXTENDED_FILENAME.search(disposition)
+    extended = next((m[1] for m in _EXTENDED_FILENAME.finditer(disposition) if m[1] is not None), None)
     if extended is not None:
-        value = extended.group(1).strip().strip(b'"').decode("latin-1")
+        value = extended.strip().strip(b'"').decode("latin-1")
         charset, _, rest = value.partition("'")
         _, _, encoded = rest.partition("'")
         # RFC 5987 allows UTF-8 and ISO-8859-1; anything else is read as UTF-8.

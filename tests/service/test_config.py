@@ -222,3 +222,11 @@ def test_startup_warns_of_a_misspelt_setting(
     with caplog.at_level(logging.WARNING, logger="service.main"):
         create_app(settings)
     assert "VAE_MAX_IMAGE is not a setting, and is ignored: did you mean VAE_MAX_IMAGES?" in caplog.text
+
+
+def test_keep_alive_is_not_below_the_balancers_own(env: pytest.MonkeyPatch) -> None:
+    """Compose's nginx closes its idle connections to a replica after 4 s: a replica that closed first
+    could be sent a request on a connection it is closing (a 502 for a POST)."""
+    env.setenv("VAE_KEEP_ALIVE_TIMEOUT", "4")
+    with pytest.raises(ValidationError, match="greater than or equal to 5"):
+        Settings()

@@ -420,21 +420,19 @@ def test_startup_faults_exit_non_zero_with_a_clear_message(
 
 
 @pytest.mark.slow
-def test_idle_connections_close_after_the_keep_alive_timeout(model_dir: Path, free_port: int) -> None:
-    """VAE_KEEP_ALIVE_TIMEOUT reaches uvicorn (whose own 5 s is below the 60 s a proxy in front keeps its
-    idle connections open): a connection idle for less is reused, one idle for more is closed."""
-    process = ready_server(free_port, model_dir, VAE_KEEP_ALIVE_TIMEOUT="2")
+def test_idle_connections_stay_open_past_uvicorns_default(model_dir: Path, free_port: int) -> None:
+    """VAE_KEEP_ALIVE_TIMEOUT (75 s by default) reaches uvicorn, whose own 5 s is below the 60 s that a proxy
+    in front keeps its idle connections open: a connection idle for longer than 5 s is still served."""
+    process = ready_server(free_port, model_dir)
     connection = http.client.HTTPConnection("127.0.0.1", free_port, timeout=5)
     try:
-        for idle in (0.0, 0.5):
-            time.sleep(idle)
-            connection.request("GET", "/health")
-            assert connection.getresponse().read() == b'{"status":"ok"}'
+        connection.request("GET", "/health")
+        assert connection.getresponse().read() == b'{"status":"ok"}'
         sock = connection.sock
-        assert sock is not None  # the same connection served both
-        time.sleep(3)  # past the 2 s, short of uvicorn's default 5 s
-        sock.settimeout(0.5)  # an open connection times out here instead of reading the close
-        assert sock.recv(1) == b""  # closed by the server
+        time.sleep(6)
+        connection.request("GET", "/health")
+        assert connection.getresponse().read() == b'{"status":"ok"}'
+        assert connection.sock is sock  # the same connection, not a new one
     finally:
         connection.close()
         stop(process)

@@ -354,6 +354,10 @@ def test_part_named_by_extended_filename_only_is_a_file(client: TestClient) -> N
         (b"filename*=\"UTF-8''q.txt\"", "q.txt"),
         (b"filename*=bare.txt", "bare.txt"),
         (b"filename=plain.txt; filename*=UTF-8''extended.txt", "extended.txt"),
+        # Quoted strings are values, not parameters: a plain name holding "; filename*=", or a ";" inside
+        # a quoted extended one.
+        (b"filename=\"a; filename*=UTF-8''b.txt\"", "a; filename*=UTF-8''b.txt"),
+        (b"filename*=\"UTF-8''c;d.txt\"", "c;d.txt"),
     ):
         response = client.post("/encode", **_one_part(disposition, b"text"))
         assert detail(response, 400) == f"file 0 ({name!r}) is not an image format Pillow can read", (
