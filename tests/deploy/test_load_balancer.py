@@ -13,6 +13,7 @@ import http.client
 import http.server
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -300,11 +301,17 @@ def test_a_busy_replica_passes_gets_on_and_hands_posts_back(replicas: list[str],
 
 def test_errors_of_the_balancer_itself_are_json(tmp_path: Path) -> None:
     with balancer([f"127.0.0.1:{free_port()}"], tmp_path / "nginx") as port:
-        none_up = request(port, "GET", "/ready")
+        none_up = request(port, "GET", "/ready", X_Request_ID="client-7")
         # Content-Length beyond client_max_body_size: refused from the header, the body is never read.
         too_large = request(port, "POST", "/encode", b"", content_length=str(16 * 1024 * 1024 + 1))
+        forged = request(port, "GET", "/ready", X_Request_ID="two words")
     assert none_up.status == 502 and "replica" in json.loads(none_up.body)["detail"]
     assert too_large.status == 413 and "client_max_body_size" in json.loads(too_large.body)["detail"]
+    # The request id, as the service answers it: the client's, or one of the balancer's own where the
+    # client sent none or one the service would not take.
+    assert none_up.headers["X-Request-ID"] == "client-7"
+    for reply in (too_large, forged):
+        assert re.fullmatch(r"[0-9a-f]{32}", reply.headers["X-Request-ID"]), reply.headers
 
 
 def test_a_client_that_never_finishes_its_headers_is_cut_off(lb: int) -> None:
