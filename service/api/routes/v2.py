@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Request, Response, status
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 from pydantic.config import JsonDict
 
 from service.api.bodies import json_keys, more_values_than, quoted, repeated_key, request_body
@@ -52,6 +52,8 @@ _STRUCTURE_COMMAS = 256
 _MAX_DEPTH = 64
 # Input names a 422 for the wrong inputs lists; the rest are counted.
 _NAMES_LISTED = 4
+# Longest shape, size or datatype from the request quoted in an error; longer ones are cut.
+_SHOWN_CHARS = 64
 
 
 class ProtocolError(BaseModel):
@@ -102,6 +104,10 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# `parameters`, where `null` is no parameters (KServe's and MLServer's request models allow it).
+Parameters = Annotated[dict[str, Any], BeforeValidator(lambda value: {} if value is None else value)]
+
+
 class RequestInput(_Strict):
     """One input tensor: `data` (flat or nested, row-major) or `parameters.binary_data_size` bytes."""
 
@@ -110,7 +116,7 @@ class RequestInput(_Strict):
     # is a 422 naming the field like the others.
     shape: list[Any]
     datatype: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
     data: list[Any] | None = None
 
 
@@ -118,7 +124,7 @@ class RequestOutput(_Strict):
     """An output to return; `parameters.binary_data` asks for it as raw bytes."""
 
     name: str
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: Parameters = Field(default_factory=dict)
 
 
 # The documented request's input, sized for the default model (tests post it to /v2/models/decoder/infer).
@@ -132,7 +138,10 @@ class InferenceRequest(_Strict):
     model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": [_EXAMPLE_Z]}]})
 
     id: str | None = None
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    # KServe's client names the model in the body as well as in the path; it must be the path's.
+    model_name: str | None = None
+    model_version: str | None = None
+    parameters: Parameters = Field(default_factory=dict)
     inputs: list[RequestInput] = Field(min_length=1)
     outputs: list[RequestOutput] | None = None
 
@@ -326,7 +335,13 @@ async def infer(
     graph = _graph(model, model_name)
     header, binary = await _split_body(request)
     _refuse_too_many_values(header, model, settings)
-    query = _parse(header)
+    query = _parse(header, framed=HEADER_LENGTH in request.headers)
+    if query.model_name not in (None, model_name):
+        raise _invalid(f"model_name is {quoted(query.model_name)} but the path names {model_name}")
+    if query.model_version not in (None, ""):
+        raise _invalid(
+            f"model_version is {quoted(query.model_version)}; model versions are not served (leave it out)"
+        )
     (spec,) = graph.inputs
     if [given.name for given in query.inputs] != [spec.name]:
         names = ", ".join(quoted(given.name) for given in query.inputs[:_NAMES_LISTED])
@@ -341,9 +356,8 @@ async def infer(
     low, high = model.card.input.pixel_range
     if model_name == "encoder" and not (low <= tensor.min() and tensor.max() <= high):
         # As /encode reads them: an image's pixels are in this range, and an encoder knows no other.
-        raise _unrunnable(
-            f"inputs[0].data holds values outside [{low:g}, {high:g}], the encoder's pixel range"
-        )
+        values = "inputs[0]'s binary data" if binary else "inputs[0].data"
+        raise _unrunnable(f"{values} holds values outside [{low:g}, {high:g}], the encoder's pixel range")
     outputs = _requested_outputs(query, graph, model_name)
     if model_name == "encoder":
         results = await model.encode_async(tensor)
@@ -420,18 +434,22 @@ def _refuse_too_many_values(header: bytes, model: Model, settings: Settings) -> 
         )
 
 
-def _parse(header: bytes) -> InferenceRequest:
+def _parse(header: bytes, *, framed: bool) -> InferenceRequest:
+    """The request's JSON (the body, or its first `Inference-Header-Content-Length` bytes when `framed`)."""
     problem = repeated_key(header, _KEYS)
     if problem is not None:
         raise _invalid(problem)
     try:
         return InferenceRequest.model_validate_json(header)
     except ValidationError as error:
-        problems = [
-            f"{'.'.join(map(str, detail['loc'])) or 'body'}: {detail['msg']}"
-            for detail in error.errors(include_url=False, include_input=False, include_context=False)
-        ]
-        raise _invalid("; ".join(problems)) from None
+        details = error.errors(include_url=False, include_input=False, include_context=False)
+        problems = "; ".join(f"{'.'.join(map(str, d['loc'])) or 'body'}: {d['msg']}" for d in details)
+        if details[0]["type"] == "json_invalid":
+            if framed:  # the JSON is cut short or runs into the binary data
+                problems = f"the body's first {len(header)} bytes ({HEADER_LENGTH}) are no JSON: {problems}"
+            elif b"binary_data_size" in header:
+                problems += f"; a body with binary tensor data gives the size of its JSON in {HEADER_LENGTH}"
+        raise _invalid(problems) from None
 
 
 def _invalid(message: str) -> HTTPException:
@@ -474,20 +492,22 @@ def _input_tensor(
     _refuse_unsupported(given.parameters, where, "binary_data_size")
     datatype = DATATYPES[spec.dtype]
     if given.datatype != datatype:
-        raise _unrunnable(f"{where}.datatype is {given.datatype}; {model_name}'s {spec.name} is {datatype}")
+        shown = given.datatype if len(given.datatype) <= _SHOWN_CHARS else quoted(given.datatype)
+        raise _unrunnable(f"{where}.datatype is {shown}; {model_name}'s {spec.name} is {datatype}")
     if not all(type(dim) is int and dim >= 0 for dim in given.shape):  # type(): true is an int to isinstance
         raise _unrunnable(
-            f"{where}.shape is {json.dumps(given.shape)}; it must be a list of non-negative integers"
+            f"{where}.shape is {_shown(given.shape)}; it must be a list of non-negative integers"
         )
     expected = _shape(spec)
     shape: list[int] = given.shape
     if len(shape) != len(expected) or any(
         dim not in (-1, size) for dim, size in zip(expected, shape, strict=True)
     ):
-        raise _unrunnable(f"{where}.shape is {shape}; {model_name}'s {spec.name} is {expected}")
+        raise _unrunnable(f"{where}.shape is {_shown(shape)}; {model_name}'s {spec.name} is {expected}")
     if not 1 <= shape[0] <= limit:
         raise _unrunnable(
-            f"{where}.shape has a batch of {shape[0]}; this server takes 1 to {limit} (VAE_{setting.upper()})"
+            f"{where}.shape has a batch of {_shown(shape[0])}; this server takes 1 to {limit} "
+            f"(VAE_{setting.upper()})"
         )
     count = math.prod(shape)
     array: npt.NDArray[Any]
@@ -514,11 +534,18 @@ def _input_tensor(
         array = _json_numbers(given.data, where, datatype)
         if array.size != count:
             raise _unrunnable(f"{where}.data has {array.size} values; shape {shape} takes {count}")
+    values = f"{where}'s binary data" if binary else f"{where}.data"
     if not np.isfinite(array).all():
-        raise _unrunnable(f"{where}.data holds NaN or infinite values")
+        raise _unrunnable(f"{values} holds NaN or infinite values")
     if np.abs(array).max() > _VALUE_BOUND:
-        raise _unrunnable(f"{where}.data holds values beyond ±{_VALUE_BOUND:g}")
+        raise _unrunnable(f"{values} holds values beyond ±{_VALUE_BOUND:g}")
     return np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+
+
+def _shown(value: object) -> str:
+    """A shape or a size from the request, as JSON, cut past _SHOWN_CHARS characters."""
+    text = json.dumps(value)
+    return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
 
 
 def _json_numbers(data: list[Any], where: str, datatype: str) -> npt.NDArray[np.float64]:

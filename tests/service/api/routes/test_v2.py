@@ -410,7 +410,43 @@ def test_binary_nan_is_refused(client: TestClient) -> None:
     z = np.full((1, 16), np.nan, dtype=np.float32)
     header = {"inputs": [{**Z, "data": None, "parameters": {"binary_data_size": 64}}]}
     response = client.post("/v2/models/decoder/infer", **binary_request(header, z))
-    assert error(response, 422) == "inputs[0].data holds NaN or infinite values"
+    assert error(response, 422) == "inputs[0]'s binary data holds NaN or infinite values"
+
+
+def test_kserves_client_body_is_served(client: TestClient) -> None:
+    """KServe's REST client puts the model's name in the body too, and may send `parameters: null`."""
+    plain = client.post("/v2/models/decoder/infer", json={"inputs": [Z]})
+    kserve = {"id": "a", "model_name": "decoder", "parameters": None, "inputs": [{**Z, "parameters": None}]}
+    response = client.post("/v2/models/decoder/infer", json=kserve)
+    assert response.status_code == 200, response.text
+    assert response.json()["outputs"] == plain.json()["outputs"]
+    other = client.post("/v2/models/decoder/infer", json={**kserve, "model_name": "encoder"})
+    assert error(other, 400) == "model_name is 'encoder' but the path names decoder"
+    versioned = client.post("/v2/models/decoder/infer", json={**kserve, "model_version": "1"})
+    assert error(versioned, 400) == "model_version is '1'; model versions are not served (leave it out)"
+
+
+def test_binary_framing_mistakes_are_named(client: TestClient) -> None:
+    z = np.zeros((1, 16), dtype=np.float32)
+    request = binary_request({"inputs": [{**Z, "data": None, "parameters": {"binary_data_size": 64}}]}, z)
+    without_length = {**request, "headers": {"content-type": "application/octet-stream"}}
+    assert error(client.post("/v2/models/decoder/infer", **without_length), 400).endswith(
+        "; a body with binary tensor data gives the size of its JSON in Inference-Header-Content-Length"
+    )
+    short = {**request, "headers": {**request["headers"], "Inference-Header-Content-Length": "20"}}
+    assert error(client.post("/v2/models/decoder/infer", **short), 400).startswith(
+        "the body's first 20 bytes (Inference-Header-Content-Length) are no JSON: body: Invalid JSON"
+    )
+
+
+def test_values_from_the_request_are_cut_in_errors(client: TestClient) -> None:
+    long_type = client.post("/v2/models/decoder/infer", json={"inputs": [{**Z, "datatype": "A" * 200_000}]})
+    assert len(error(long_type, 422)) < 200
+    huge_batch = client.post("/v2/models/decoder/infer", json={"inputs": [{**Z, "shape": [10**4000, 16]}]})
+    message = error(huge_batch, 422)
+    assert message.startswith("inputs[0].shape has a batch of 1000") and len(message) < 200
+    long_shape = client.post("/v2/models/decoder/infer", json={"inputs": [{**Z, "shape": [1] * 5000}]})
+    assert len(error(long_shape, 422)) < 200
 
 
 def test_a_compressed_body_is_a_415(client: TestClient) -> None:
