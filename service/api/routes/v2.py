@@ -52,7 +52,7 @@ _STRUCTURE_COMMAS = 256
 _MAX_DEPTH = 64
 # Input names a 422 for the wrong inputs lists; the rest are counted.
 _NAMES_LISTED = 4
-# Longest shape, size or datatype from the request quoted in an error; longer ones are cut.
+# Longest shape or size from the request shown in an error; longer ones are cut.
 _SHOWN_CHARS = 64
 
 
@@ -492,8 +492,9 @@ def _input_tensor(
     _refuse_unsupported(given.parameters, where, "binary_data_size")
     datatype = DATATYPES[spec.dtype]
     if given.datatype != datatype:
-        shown = given.datatype if len(given.datatype) <= _SHOWN_CHARS else quoted(given.datatype)
-        raise _unrunnable(f"{where}.datatype is {shown}; {model_name}'s {spec.name} is {datatype}")
+        raise _unrunnable(
+            f"{where}.datatype is {quoted(given.datatype)}; {model_name}'s {spec.name} is {datatype}"
+        )
     if not all(type(dim) is int and dim >= 0 for dim in given.shape):  # type(): true is an int to isinstance
         raise _unrunnable(
             f"{where}.shape is {_shown(given.shape)}; it must be a list of non-negative integers"
@@ -521,7 +522,8 @@ def _input_tensor(
             )
         if size != len(binary):
             raise _invalid(
-                f"{where}.parameters.binary_data_size is {size!r} but {len(binary)} bytes follow the JSON"
+                f"{where}.parameters.binary_data_size is {_shown(size)} but {len(binary)} bytes follow "
+                "the JSON"
             )
         if size != 4 * count:
             raise _unrunnable(f"{where} has {size} bytes; shape {shape} of {datatype} takes {4 * count}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +200,7 @@ Z = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
     [
         ({"inputs": [{**Z, "name": "x"}]}, 422, "inputs are 'x'; model decoder takes one input, 'z'"),
         ({"inputs": [Z, Z]}, 422, "inputs are 'z', 'z'; model decoder takes one input, 'z'"),
-        ({"inputs": [{**Z, "datatype": "FP64"}]}, 422, "inputs[0].datatype is FP64; decoder's z is FP32"),
+        ({"inputs": [{**Z, "datatype": "FP64"}]}, 422, "inputs[0].datatype is 'FP64'; decoder's z is FP32"),
         ({"inputs": [{**Z, "shape": [1, 15]}]}, 422, "inputs[0].shape is [1, 15]; decoder's z is [-1, 16]"),
         ({"inputs": [{**Z, "shape": [16]}]}, 422, "inputs[0].shape is [16]; decoder's z is [-1, 16]"),
         ({"inputs": [{**Z, "shape": [0, 16]}]}, 422, "inputs[0].shape has a batch of 0"),
@@ -447,6 +448,11 @@ def test_values_from_the_request_are_cut_in_errors(client: TestClient) -> None:
     assert message.startswith("inputs[0].shape has a batch of 1000") and len(message) < 200
     long_shape = client.post("/v2/models/decoder/infer", json={"inputs": [{**Z, "shape": [1] * 5000}]})
     assert len(error(long_shape, 422)) < 200
+    size = {**Z, "data": None, "parameters": {"binary_data_size": 10**4000}}
+    header = json.dumps({"inputs": [size]}).encode()  # orjson writes 64-bit integers only
+    framed = {HEADER_LENGTH: str(len(header)), "content-type": "application/octet-stream"}
+    long_size = client.post("/v2/models/decoder/infer", content=header + bytes(64), headers=framed)
+    assert len(error(long_size, 400)) < 200
 
 
 def test_a_compressed_body_is_a_415(client: TestClient) -> None:
