@@ -39,7 +39,7 @@ from service.api.bodies import quoted
 from service.api.docs import is_docs_path
 from service.api.openapi import edit_on_build
 from service.api.routes.playground import is_page_path
-from service.api.routes.v2 import ProtocolError, error_key, is_protocol_path
+from service.api.routes.v2 import HEADER_LENGTH, ProtocolError, error_key, is_protocol_path
 from service.config import Settings
 from service.schemas import ErrorResponse
 
@@ -79,7 +79,7 @@ _CORS_HEADERS = [
     "Content-Type",
     "X-API-Key",
     request_id.HEADER,
-    "Inference-Header-Content-Length",
+    HEADER_LENGTH,
 ]
 # Methods whose requests carry nothing in a body here: one that comes with a body is refused, not ignored
 # (`GET /sample` with `{"n": 4}` would otherwise answer 16 samples).
@@ -390,7 +390,7 @@ def _cors_options(settings: Settings) -> dict[str, Any]:
         "allow_origins": settings.cors_origins,
         "allow_methods": ["GET", "HEAD", "POST"],
         "allow_headers": _CORS_HEADERS,
-        "expose_headers": [request_id.HEADER, "Retry-After", "Inference-Header-Content-Length"],
+        "expose_headers": [request_id.HEADER, "Retry-After", HEADER_LENGTH],
     }
 
 

@@ -356,7 +356,7 @@ async def infer(
     low, high = model.card.input.pixel_range
     if model_name == "encoder" and not (low <= tensor.min() and tensor.max() <= high):
         # As /encode reads them: an image's pixels are in this range, and an encoder knows no other.
-        values = "inputs[0]'s binary data" if binary else "inputs[0].data"
+        values = _values("inputs[0]", binary=bool(binary))
         raise _unrunnable(f"{values} holds values outside [{low:g}, {high:g}], the encoder's pixel range")
     outputs = _requested_outputs(query, graph, model_name)
     if model_name == "encoder":
@@ -536,12 +536,16 @@ def _input_tensor(
         array = _json_numbers(given.data, where, datatype)
         if array.size != count:
             raise _unrunnable(f"{where}.data has {array.size} values; shape {shape} takes {count}")
-    values = f"{where}'s binary data" if binary else f"{where}.data"
     if not np.isfinite(array).all():
-        raise _unrunnable(f"{values} holds NaN or infinite values")
+        raise _unrunnable(f"{_values(where, binary=bool(binary))} holds NaN or infinite values")
     if np.abs(array).max() > _VALUE_BOUND:
-        raise _unrunnable(f"{values} holds values beyond ±{_VALUE_BOUND:g}")
+        raise _unrunnable(f"{_values(where, binary=bool(binary))} holds values beyond ±{_VALUE_BOUND:g}")
     return np.ascontiguousarray(array, dtype=np.float32).reshape(shape)
+
+
+def _values(where: str, *, binary: bool) -> str:
+    """What an error calls an input's values: its binary data, or its `data` field."""
+    return f"{where}'s binary data" if binary else f"{where}.data"
 
 
 def _shown(value: object) -> str:
