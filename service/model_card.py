@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, FiniteFloat, field_validator
 
 __all__ = [
     "CARD_FILE",
@@ -34,6 +35,10 @@ CARD_FILE = "model.json"
 SCHEMA_VERSION: Final = 1
 
 
+# A file name without a directory: no slash or backslash, and not "." or "..".
+_FILE_NAME = r"^[^/\\]*[^/\\.][^/\\]*$"
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -50,10 +55,18 @@ class TensorSpec(_Strict):
 class OnnxFile(_Strict):
     """An exported ONNX graph and its interface."""
 
-    file: str
+    # A file in the model directory: its name alone, no path.
+    file: str = Field(json_schema_extra={"pattern": _FILE_NAME})
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+
+    @field_validator("file")
+    @classmethod
+    def _a_name_in_the_model_directory(cls, file: str) -> str:
+        if not re.fullmatch(_FILE_NAME, file):
+            raise ValueError(f"{file!r} is not a file name: the graphs are files in the model directory")
+        return file
 
 
 class InputSpec(_Strict):
@@ -62,9 +75,18 @@ class InputSpec(_Strict):
     channels: Literal[1, 3]
     height: int = Field(ge=1)
     width: int = Field(ge=1)
-    pixel_range: tuple[float, float] = (0.0, 1.0)
+    # The values the encoder takes for black and white (/encode maps the images it reads in [0, 1] there).
+    pixel_range: tuple[FiniteFloat, FiniteFloat] = (0.0, 1.0)
     # "light": strokes are high values on a dark background (digits, MNIST); "dark": the reverse.
     foreground: Literal["light", "dark"]
+
+    @field_validator("pixel_range")
+    @classmethod
+    def _black_below_white(cls, pixel_range: tuple[float, float]) -> tuple[float, float]:
+        low, high = pixel_range
+        if not low < high:
+            raise ValueError(f"[{low:g}, {high:g}]: its low end must be below its high end")
+        return pixel_range
 
 
 class SplitInfo(_Strict):
@@ -142,6 +164,10 @@ def load_card(model_dir: Path) -> ModelCard:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path}: not UTF-8 text ({error})") from error
+    except OSError as error:  # a file this process may not read (another user's, mode 600)
+        raise ValueError(f"{path}: cannot be read ({error.strerror})") from error
     try:
         return ModelCard.model_validate(raw)
     except ValueError as error:

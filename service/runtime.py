@@ -35,6 +35,7 @@ __all__ = [
     "Batcher",
     "Batching",
     "Floats",
+    "Graph",
     "Model",
     "ModelError",
     "RunObserver",
@@ -452,7 +453,10 @@ def _open(
     path = model_dir / spec.file
     if not path.is_file():
         raise ModelError(f"{path}: not found (model.json {graph}.file)")
-    digest = sha256_file(path)
+    try:
+        digest = sha256_file(path)
+    except OSError as error:  # a file this process may not read (another user's, mode 600)
+        raise ModelError(f"{path}: cannot be read ({error.strerror}; model.json {graph}.file)") from error
     if digest != spec.sha256:
         raise ModelError(f"{path}: sha256 is {digest} but model.json {graph}.sha256 says {spec.sha256}")
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 
+from service import runtime
 from service.config import Settings
 from service.main import create_app
 from service.model_card import ModelCard, sha256_file
@@ -114,6 +116,36 @@ def test_missing_card(model_copy: Path) -> None:
         load(model_copy)
 
 
+def test_files_this_process_cannot_read_are_named(
+    model_copy: Path, card: ModelCard, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A card or graph of mode 600 written by another user (the trainer's, for the API's uid): one line
+    naming the file, where there was only the traceback of a PermissionError. (Simulated: root reads all.)"""
+    unreadable: set[Path] = set()
+    read_text, sha256 = Path.read_text, runtime.sha256_file
+
+    def refuse(path: Path) -> None:
+        if path in unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "read_text", lambda path, *a, **k: refuse(path) or read_text(path, *a, **k))
+    monkeypatch.setattr(runtime, "sha256_file", lambda path: refuse(path) or sha256(path))
+    unreadable.add(model_copy / card.decoder.file)
+    with pytest.raises(
+        ModelError, match=rf"{card.decoder.file}: cannot be read \(Permission denied; model.json"
+    ):
+        load(model_copy)
+    unreadable.add(model_copy / "model.json")
+    with pytest.raises(ModelError, match=r"model.json: cannot be read \(Permission denied\)$"):
+        load(model_copy)
+
+
+def test_a_card_that_is_not_text_is_named(model_copy: Path) -> None:
+    (model_copy / "model.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ModelError, match=r"model.json: not UTF-8 text"):
+        load(model_copy)
+
+
 def test_missing_onnx_file(model_copy: Path, card: ModelCard) -> None:
     (model_copy / card.decoder.file).unlink()
     with pytest.raises(ModelError, match=rf"{card.decoder.file}: not found \(model.json decoder.file\)"):
@@ -142,6 +174,27 @@ def test_corrupt_onnx_file_with_a_matching_hash(model_copy: Path, card: ModelCar
     path.write_bytes(b"not a protobuf")
     edit_card(model_copy, lambda raw: raw["encoder"].update(sha256=sha256_file(path)))
     with pytest.raises(ModelError, match=rf"{card.encoder.file}: ONNX Runtime cannot load it"):
+        load(model_copy)
+
+
+@pytest.mark.parametrize("file", ["../default/encoder.onnx", "/tmp/encoder.onnx", "sub/encoder.onnx", ".."])
+def test_a_graph_outside_the_model_directory_is_refused(model_copy: Path, card: ModelCard, file: str) -> None:
+    """The card names files in its directory: a path would serve a graph from elsewhere, the hash checked
+    against a card that was never exported with it."""
+    edit_card(model_copy, lambda raw: raw["encoder"].update(file=file))
+    with pytest.raises(ModelError, match=rf"encoder.file\n.* '{re.escape(file)}' is not a file name"):
+        load(model_copy)
+
+
+@pytest.mark.parametrize("pixel_range", [[1.0, 0.0], [0.5, 0.5]])
+def test_a_pixel_range_whose_ends_are_not_in_order_is_refused(
+    model_copy: Path, pixel_range: list[float]
+) -> None:
+    """[1, 0] would invert every image the service reads, with no word of it."""
+    edit_card(model_copy, lambda raw: raw["input"].update(pixel_range=pixel_range))
+    low, high = (f"{end:g}" for end in pixel_range)
+    message = rf"input.pixel_range\n.* \[{low}, {high}\]: its low end must be below its high end"
+    with pytest.raises(ModelError, match=message):
         load(model_copy)
 
 
