@@ -24,10 +24,33 @@ from service.runtime import Model
 __all__ = ["Metrics"]
 
 # Request durations: this service answers most requests in well under a millisecond of work, so the
-# buckets start at 250 µs (prometheus_client's defaults start at 5 ms).
-_LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
-# One ONNX Runtime run of a small batch takes tens of microseconds on a CPU.
-_RUN_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.05, 0.25, 1.0)
+# buckets start at 250 µs (prometheus_client's defaults start at 5 ms). They go on to a minute: a body
+# that arrives until VAE_BODY_TIMEOUT (30 s by default) is timed within a bucket, not past the last one,
+# where a quantile reads as that bucket's bound however long the requests took.
+_LATENCY_BUCKETS = (
+    *(0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0),
+    *(30.0, 60.0),
+)
+# One ONNX Runtime run of a small batch takes tens of microseconds on a CPU; a run that takes until
+# VAE_STALL_TIMEOUT (30 s by default) is timed within a bucket too.
+_RUN_BUCKETS = (
+    1e-5,
+    2.5e-5,
+    5e-5,
+    1e-4,
+    2.5e-4,
+    5e-4,
+    1e-3,
+    2.5e-3,
+    5e-3,
+    0.01,
+    0.05,
+    0.25,
+    1.0,
+    5.0,
+    30.0,
+    60.0,
+)
 # Batch sizes: powers of two from 1 to 4096 (by default a request carries at most 64 images or 256 latents).
 _BATCH_BUCKETS = tuple(float(2**k) for k in range(13))
 # Methods outside this set are counted as "other", so that a client cannot create series at will.

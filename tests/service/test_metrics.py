@@ -95,6 +95,25 @@ def test_requests_and_model_runs_are_counted(fresh: TestClient) -> None:
     assert value(samples, "vae_http_requests_in_flight") == 1
 
 
+def test_requests_and_runs_as_long_as_the_timeouts_are_timed_within_a_bucket(fresh: TestClient) -> None:
+    """With buckets that ended at 10 s (runs: 1 s), a request that took until the body timeout (or a run
+    until the stall timeout) was past the last one, and histogram_quantile read it as 10 s."""
+    assert fresh.post("/encode", files=files(digit_png(0))).status_code == 200
+    defaults = Settings.model_fields
+    for metric, labels, timeout in [
+        ("vae_http_request_duration_seconds", {"method": "POST", "route": "/encode"}, "body_timeout"),
+        ("vae_model_run_seconds", {"graph": "encoder"}, "stall_timeout"),
+    ]:
+        bounds = [
+            float(le)
+            for (name, sample_labels), _ in scrape(fresh).items()
+            if name == f"{metric}_bucket" and labels.items() <= dict(sample_labels).items()
+            for le in [dict(sample_labels)["le"]]
+            if le != "+Inf"
+        ]
+        assert max(bounds) > defaults[timeout].default, metric
+
+
 def test_the_model_info_names_the_model_its_files_and_provider(fresh: TestClient, card: ModelCard) -> None:
     info = value(
         scrape(fresh),
