@@ -170,6 +170,9 @@ function renderModel(model) {
     ["Provider", model.provider],
     ["Exported", model.created_at.replace("T", " ").replace("Z", " UTC")],
   ];
+  // invert=true reads the polarity the model was not trained on: dark strokes for a "light" model.
+  $("#invert-label").textContent =
+    model.input.foreground === "light" ? "dark strokes on a light background" : "light strokes on a dark background";
   $("#model-card").replaceChildren(
     ...rows.flatMap(([term, value]) => [element("dt", { textContent: term }), element("dd", { textContent: value })]),
   );

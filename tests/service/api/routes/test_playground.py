@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import fnmatch
+import json
 import re
+import shutil
 import tomllib
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -210,6 +212,7 @@ def test_the_playground_in_chromium(model_dir: Path, free_port: int, tmp_path: P
         # 16 prior samples (the default n), every one decoded by the browser.
         page.wait_for_function(SIXTEEN_SAMPLES)
         first = sample_sources(page)
+        assert page.inner_text("#invert-label") == "dark strokes on a light background"
         assert page.input_value("#seed") == "0"
 
         # Another seed: other images, the ones /sample gives for that seed.
@@ -261,6 +264,27 @@ def test_the_playground_in_chromium(model_dir: Path, free_port: int, tmp_path: P
         assert page.locator("#upload-result").is_hidden()
 
     only_expected(console, refused("400 (Bad Request)", f"{base}/reconstruct?"))
+
+
+@pytest.mark.slow
+@pytest.mark.browser
+@browser_test
+def test_invert_names_the_polarity_the_model_was_not_trained_on(
+    model_dir: Path, free_port: int, tmp_path: Path
+) -> None:
+    """A model of dark strokes on light: invert reads light strokes on a dark background (the page said
+    "dark strokes on a light background" whatever the model, the very images it reads without invert)."""
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    card = json.loads((copy / "model.json").read_text())
+    card["input"]["foreground"] = "dark"
+    (copy / "model.json").write_text(json.dumps(card))
+    console: list[tuple[str, str]] = []
+    with served(copy, free_port) as (base, _), chromium(console) as page:
+        page.goto(f"{base}/")
+        page.wait_for_function(SIXTEEN_SAMPLES)
+        assert page.inner_text("#invert-label") == "light strokes on a dark background"
+    assert console == []
 
 
 @pytest.mark.slow
