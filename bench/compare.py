@@ -31,11 +31,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve(name: str, tree: Path, work: Path) -> AbstractContextManager[Server]:
-    """The service of `tree` (its code and its models/default) on a free port, until the context ends."""
+def serve(name: str, tree: Path, work: Path, **env: str) -> AbstractContextManager[Server]:
+    """The service of `tree` (its code and its models/default) on a free port, until the context ends;
+    `env` adds settings (VAE_DRAIN_TIMEOUT="3")."""
     port = free_port()
     command = f"cd {tree} && exec {sys.executable} -m service --host {HOST} --port {port}"
-    env = service_env(tree / "models" / "default")
+    env = service_env(tree / "models" / "default", **env)
     return running(name, command, env, port, "/ready", work / f"{name}.log")
 
 

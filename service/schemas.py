@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Callable
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Strict, Tag, WithJsonSchema
-from pydantic.config import JsonDict
+from pydantic.config import JsonDict, JsonValue
 
 from service.model_card import DatasetInfo, InputSpec, TestMetrics
 
 __all__ = [
     "LATENT_DIM",
+    "LATENT_EXAMPLES",
     "MAX_ITEMS_SETTING",
+    "SIZED_EXAMPLES",
+    "EXAMPLES_LATENT_DIM",
     "DecodeRequest",
     "DecodeResponse",
     "EncodeResponse",
@@ -60,6 +64,11 @@ LATENT_DIM = "x-latent-dim"
 # the served schema says maxItems instead, the running server's value.
 MAX_ITEMS_SETTING = "x-max-items-setting"
 _AT_MOST_LATENTS: JsonDict = {MAX_ITEMS_SETTING: "max_latents"}
+# The OpenAPI key of a request body whose examples hold latents: its value is the request model's name in
+# LATENT_EXAMPLES, and the served schema has the examples it writes for the loaded model's latent_dim.
+SIZED_EXAMPLES = "x-sized-examples"
+# The examples of a request model that holds latents, by the model's name: (latent_dim) -> examples.
+LATENT_EXAMPLES: dict[str, Callable[[int], list[JsonValue]]] = {}
 Vector = Annotated[
     list[LatentValue],
     Field(
@@ -127,13 +136,29 @@ Images = Annotated[
     Field(description="One image per latent: base64 PNGs (format=png) or pixel arrays (format=array)."),
 ]
 
-# Examples are sized for the default model's latent_dim (tests post each one to it).
-_D = 16
+# The latent_dim of the examples in a schema built before the model is loaded (the default model's).
+EXAMPLES_LATENT_DIM = 16
 # The first image of scikit-learn's digits (a zero), 8x8 greyscale, as a PNG in base64.
 _EXAMPLE_PNG = (
     "iVBORw0KGgoAAAANSUhEUgAAAAgAAAAICAAAAADhZOFXAAAARklEQVR42gXBYRVAMBgAwHt7/vsiaGCaLIJGIqyCBp4EI4E1III7lLYFaG99i0Ge"
     "lh55T+LqbpI4GUm+WeQP01PqAdZW8QOg+BHx1aT2vAAAAABJRU5ErkJggg=="
 )
+
+
+def _decode_examples(d: int) -> list[JsonValue]:
+    return [{"latents": [[0.0] * d, [(-1.0) ** i for i in range(d)]]}]
+
+
+def _kl_examples(d: int) -> list[JsonValue]:
+    return [
+        {"mu": [0.5] * d, "logvar": [-1.0] * d},
+        {"mu": [[0.5] * d, [0.0] * d], "logvar": [[-1.0] * d, [0.0] * d]},
+        {"mu": [0.5] * d, "logvar": [-1.0] * d, "target": {"mu": [0.2] * d, "logvar": [-0.5] * d}},
+    ]
+
+
+def _interpolate_examples(d: int) -> list[JsonValue]:
+    return [{"latents": [[-1.0] * d, [1.0] * d]}]
 
 
 class _Request(BaseModel):
@@ -155,9 +180,7 @@ class ImagesRequest(_Request):
 class DecodeRequest(_Request):
     """Latent vectors to decode into images."""
 
-    model_config = ConfigDict(
-        json_schema_extra={"examples": [{"latents": [[0.0] * _D, [1.0, -1.0] * (_D // 2)]}]}
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": _decode_examples(EXAMPLES_LATENT_DIM)})
 
     latents: list[Vector] = Field(min_length=1, json_schema_extra=_AT_MOST_LATENTS)
 
@@ -172,19 +195,7 @@ class GaussianParams(_Request):
 class KLRequest(_Request):
     """One posterior (vectors) or a batch (lists of vectors), and optionally the Gaussian to compare with."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            "examples": [
-                {"mu": [0.5] * _D, "logvar": [-1.0] * _D},
-                {"mu": [[0.5] * _D, [0.0] * _D], "logvar": [[-1.0] * _D, [0.0] * _D]},
-                {
-                    "mu": [0.5] * _D,
-                    "logvar": [-1.0] * _D,
-                    "target": {"mu": [0.2] * _D, "logvar": [-0.5] * _D},
-                },
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra={"examples": _kl_examples(EXAMPLES_LATENT_DIM)})
 
     mu: Annotated[
         Annotated[Vector, Tag(_ONE)]
@@ -202,9 +213,14 @@ class KLRequest(_Request):
 class InterpolateRequest(_Request):
     """The two latents to interpolate between."""
 
-    model_config = ConfigDict(json_schema_extra={"examples": [{"latents": [[-1.0] * _D, [1.0] * _D]}]})
+    model_config = ConfigDict(json_schema_extra={"examples": _interpolate_examples(EXAMPLES_LATENT_DIM)})
 
     latents: list[Vector] = Field(min_length=2, max_length=2, description="Start and end.")
+
+
+LATENT_EXAMPLES.update(
+    DecodeRequest=_decode_examples, KLRequest=_kl_examples, InterpolateRequest=_interpolate_examples
+)
 
 
 class EncodeResponse(BaseModel):

@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, HTTPException, Request, status
 
-from service.api.bodies import Upload, decode_images, read_body
+from service.api.bodies import BodyBytes, Upload, decode_images, read_body
 from service.api.options import Options, parse_query
 from service.config import Settings
 from service.imaging import Floats
@@ -87,7 +87,12 @@ def served(request: Request, options: type[OptionsT]) -> tuple[Model, Settings, 
 
 
 async def body_images(
-    body: bytes | list[Upload], model: Model, settings: Settings, *, invert: bool, limit: int | None = None
+    body: BodyBytes | list[Upload],
+    model: Model,
+    settings: Settings,
+    *,
+    invert: bool,
+    limit: int | None = None,
 ) -> Floats:
     """A read body's images as (N, C, H, W) in [0, 1], at most `limit` (default VAE_MAX_IMAGES) of them."""
     return await decode_images(

@@ -17,9 +17,10 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from service.api.bodies import named_examples
 from service.api.options import MAXIMUM_SETTING
 from service.config import Settings
-from service.schemas import LATENT_DIM, MAX_ITEMS_SETTING
+from service.schemas import LATENT_DIM, LATENT_EXAMPLES, MAX_ITEMS_SETTING, SIZED_EXAMPLES
 
 __all__ = ["describe_model", "edit_on_build", "install"]
 
@@ -61,6 +62,10 @@ def _replace_markers(node: Any, settings: Settings, latent_dim: int | None) -> N
                 node[bound] = getattr(settings, setting)
         if node.pop(LATENT_DIM, False) and latent_dim is not None:
             node["minItems"] = node["maxItems"] = latent_dim
+        request = node.pop(SIZED_EXAMPLES, None)
+        if request is not None and latent_dim is not None:
+            node["schema"]["examples"] = examples = LATENT_EXAMPLES[request](latent_dim)
+            node["examples"] = named_examples(examples)
         for value in node.values():
             _replace_markers(value, settings, latent_dim)
     elif isinstance(node, list):

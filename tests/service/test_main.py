@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings, get_settings
 from service.main import create_app
+from service.model_card import load_card
 from service.runtime import Model
 from service.schemas import EncodeResponse, SampleResponse
 from tests.service.helpers import detail, digit_png, files
@@ -105,6 +106,18 @@ def test_every_route_declares_its_responses(client: TestClient) -> None:
 
 
 def test_every_request_body_has_working_examples(client: TestClient) -> None:
+    assert post_every_example(client) >= 6  # encode, decode, kl (3), reconstruct, interpolate, v2 infer
+
+
+def test_examples_are_written_for_the_loaded_models_latent_dim(tiny_model: Path, settings: Settings) -> None:
+    """A model of 3 latents documents examples of 3 latents: /docs' "Try it out" works on any model."""
+    assert load_card(tiny_model).latent_dim == 3
+    with TestClient(create_app(settings.model_copy(update={"model_dir": tiny_model}))) as other:
+        assert post_every_example(other) >= 6
+
+
+def post_every_example(client: TestClient) -> int:
+    """POST each request body's examples in the served schema; each must be a 200. How many there were."""
     bodies = 0
     for path, method, operation in operations(client):
         if "requestBody" not in operation:
@@ -119,7 +132,7 @@ def test_every_request_body_has_working_examples(client: TestClient) -> None:
             response = client.request(method, url, json=example["value"])
             assert response.status_code == 200, f"{method} {path} {name}: {response.text}"
             bodies += 1
-    assert bodies >= 6  # encode, decode, kl (3), reconstruct, interpolate, v2 infer
+    return bodies
 
 
 def uvicorn(port: int, env: dict[str, str]) -> subprocess.Popen[str]:

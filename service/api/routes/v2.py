@@ -25,14 +25,23 @@ import numpy.typing as npt
 import orjson
 from fastapi import APIRouter, HTTPException, Path, Request, Response, status
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
-from pydantic.config import JsonDict
+from pydantic.config import JsonValue
 
-from service.api.bodies import json_keys, more_values_than, quoted, repeated_key, request_body
+from service.api.bodies import (
+    BodyBytes,
+    json_keys,
+    more_values_than,
+    quoted,
+    read_whole,
+    repeated_key,
+    request_body,
+)
 from service.api.deps import ModelDep, SettingsDep, not_stalled
 from service.api.responses import NOT_LOADED, NOT_READY, STALLED, NumpyJSONResponse
 from service.config import Settings
 from service.model_card import OnnxFile, TensorSpec
-from service.runtime import Floats, Model
+from service.runtime import Floats, Graph, Model
+from service.schemas import EXAMPLES_LATENT_DIM, LATENT_EXAMPLES
 
 __all__ = ["router"]
 
@@ -127,15 +136,17 @@ class RequestOutput(_Strict):
     parameters: Parameters = Field(default_factory=dict)
 
 
-# The documented request's input, sized for the default model (tests post it to /v2/models/decoder/infer).
-_EXAMPLE_Z: JsonDict = {"name": "z", "shape": [1, 16], "datatype": "FP32", "data": [0.0] * 16}
+def _examples(d: int) -> list[JsonValue]:
+    """The documented request, for a decoder of `d` latents (tests post it to /v2/models/decoder/infer, of
+    the default model and of another latent_dim)."""
+    return [{"inputs": [{"name": "z", "shape": [1, d], "datatype": "FP32", "data": [0.0] * d}]}]
 
 
 class InferenceRequest(_Strict):
     """An inference request; without `outputs`, every output is returned."""
 
     # Merged with _Strict's (extra="forbid").
-    model_config = ConfigDict(json_schema_extra={"examples": [{"inputs": [_EXAMPLE_Z]}]})
+    model_config = ConfigDict(json_schema_extra={"examples": _examples(EXAMPLES_LATENT_DIM)})
 
     id: str | None = None
     # KServe's client names the model in the body as well as in the path; it must be the path's.
@@ -145,6 +156,8 @@ class InferenceRequest(_Strict):
     inputs: list[RequestInput] = Field(min_length=1)
     outputs: list[RequestOutput] | None = None
 
+
+LATENT_EXAMPLES[InferenceRequest.__name__] = _examples
 
 # The names a request can give twice, silently, in one object: the schema's, and the parameters read here.
 _KEYS = (
@@ -359,10 +372,10 @@ async def infer(
         values = _values("inputs[0]", binary=bool(binary))
         raise _unrunnable(f"{values} holds values outside [{low:g}, {high:g}], the encoder's pixel range")
     outputs = _requested_outputs(query, graph, model_name)
-    if model_name == "encoder":
-        results = await model.encode_async(tensor)
-    else:
-        results = await model.decode_logits_async(tensor)
+    # The graph runs on the tensor as sent: an encoder's x is already in its pixel range (/encode maps images
+    # read in [0, 1] there; mapped again here, a card's range other than [0, 1] would be applied twice).
+    name: Graph = "encoder" if model_name == "encoder" else "decoder"
+    results = await model.infer(name, np.ascontiguousarray(tensor, dtype=np.float32))
     named = dict(zip((spec.name for spec in graph.outputs), results, strict=True))
     return _respond(model_name, query.id, [(name, named[name], as_binary) for name, as_binary in outputs])
 
@@ -390,9 +403,9 @@ async def versioned_infer(model_name: str, model_version: str) -> Response:
     raise _no_versions(model_name, "/infer")
 
 
-async def _split_body(request: Request) -> tuple[bytes, bytes]:
+async def _split_body(request: Request) -> tuple[BodyBytes, BodyBytes]:
     """(JSON header, binary tensor data) of the request body."""
-    body = await request.body()
+    body = await read_whole(request)
     value = request.headers.get(HEADER_LENGTH)
     if value is None:
         return body, b""
@@ -418,7 +431,7 @@ def _header_length(value: str, body_size: int) -> int:
     return int(significant)
 
 
-def _refuse_too_many_values(header: bytes, model: Model, settings: Settings) -> None:
+def _refuse_too_many_values(header: BodyBytes, model: Model, settings: Settings) -> None:
     """422 for JSON of more values than twice what any request within the limits holds, before parsing it.
 
     As for the other routes (`service.api.bodies`): 16 MiB of numbers took 1.5 s and 400 MB to parse and
@@ -434,7 +447,7 @@ def _refuse_too_many_values(header: bytes, model: Model, settings: Settings) -> 
         )
 
 
-def _parse(header: bytes, *, framed: bool) -> InferenceRequest:
+def _parse(header: BodyBytes, *, framed: bool) -> InferenceRequest:
     """The request's JSON (the body, or its first `Inference-Header-Content-Length` bytes when `framed`)."""
     problem = repeated_key(header, _KEYS)
     if problem is not None:
@@ -485,7 +498,7 @@ def _refuse_unsupported(parameters: dict[str, Any], where: str, known: str) -> N
 
 
 def _input_tensor(
-    given: RequestInput, spec: TensorSpec, binary: bytes, model_name: str, limit: int, setting: str
+    given: RequestInput, spec: TensorSpec, binary: BodyBytes, model_name: str, limit: int, setting: str
 ) -> Floats:
     """The input as an array of the graph's shape, checked against the card and the server's limits."""
     where = "inputs[0]"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -573,6 +574,28 @@ def test_encoder_inputs_outside_the_pixel_range_are_refused(client: TestClient) 
     for value in (-1e6, 1.5):
         response = client.post("/v2/models/encoder/infer", json={"inputs": [{**x, "data": [value] * 64}]})
         assert error(response, 422) == "inputs[0].data holds values outside [0, 1], the encoder's pixel range"
+
+
+def test_the_encoder_takes_x_in_the_cards_pixel_range_as_it_is(
+    settings: Settings, model_dir: Path, tmp_path: Path
+) -> None:
+    """A model trained on pixels in [-1, 1] is sent x in [-1, 1], and runs on it unchanged: the same
+    posterior /encode gives for the images (read in [0, 1], then mapped to [-1, 1])."""
+    copy = tmp_path / "model"
+    shutil.copytree(model_dir, copy)
+    card = json.loads((copy / "model.json").read_text())
+    card["input"]["pixel_range"] = [-1.0, 1.0]
+    (copy / "model.json").write_text(json.dumps(card))
+    x = 2 * digit_tensor(range(3)) - 1
+    with TestClient(create_app(settings.model_copy(update={"model_dir": copy}))) as minus_one_to_one:
+        got = outputs(minus_one_to_one.post("/v2/models/encoder/infer", json={"inputs": [tensor("x", x)]}))
+        encoded = EncodeResponse.model_validate_json(
+            minus_one_to_one.post("/encode", files=files(*(digit_png(i) for i in range(3)))).content
+        )
+        np.testing.assert_allclose(got["mu"], encoded.mu, rtol=0, atol=TOLERANCE)
+        np.testing.assert_allclose(got["logvar"], encoded.logvar, rtol=0, atol=TOLERANCE)
+        outside = minus_one_to_one.post("/v2/models/encoder/infer", json={"inputs": [tensor("x", x - 0.5)]})
+        assert error(outside, 422) == "inputs[0].data holds values outside [-1, 1], the encoder's pixel range"
 
 
 def test_a_body_of_far_too_many_values_is_refused_unparsed(client: TestClient, settings: Settings) -> None:
