@@ -21,7 +21,6 @@ import http.client
 import io
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,9 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from compare import serve
+from compare import serve, trees
 from PIL import Image
-from run import HOST, REPO, Server
+from run import HOST, Server
 
 CLIENTS = 128  # VAE_MAX_IN_FLIGHT's default
 MAX_BODY_BYTES = 16 * 1024 * 1024  # VAE_MAX_BODY_BYTES' default
@@ -147,13 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     body = largest_body()
     with tempfile.TemporaryDirectory(prefix="vae-burst-") as tmp, ExitStack() as stack:
         work = Path(tmp)
-        sides = [("change", REPO)]
-        if args.base:
-            tree = work / "base"
-            git = ["git", "-C", str(REPO), "worktree"]
-            subprocess.run([*git, "add", "--detach", "-q", str(tree), args.base], check=True)
-            stack.callback(subprocess.run, [*git, "remove", "--force", str(tree)], check=True)
-            sides.insert(0, ("base", tree))
+        sides = trees(args.base, work, stack)
         order = [side for i in range(args.turns) for side in (sides if i % 2 == 0 else sides[::-1])]
         measured: dict[str, list[tuple[Burst, Burst]]] = {name: [] for name, _ in sides}
         for name, tree in order:

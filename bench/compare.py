@@ -40,6 +40,18 @@ def serve(name: str, tree: Path, work: Path, **env: str) -> AbstractContextManag
     return running(name, command, env, port, "/ready", work / f"{name}.log")
 
 
+def trees(base: str | None, work: Path, stack: ExitStack) -> list[tuple[str, Path]]:
+    """("change", the working tree), after ("base", `base` checked out into a git worktree in `work`, removed
+    when `stack` closes) when a base revision is named."""
+    if base is None:
+        return [("change", REPO)]
+    tree = work / "base"
+    git = ["git", "-C", str(REPO), "worktree"]
+    subprocess.run([*git, "add", "--detach", "-q", str(tree), base], check=True)
+    stack.callback(subprocess.run, [*git, "remove", "--force", str(tree)], check=True)
+    return [("base", tree), ("change", REPO)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", required=True, help="the git revision to compare against (HEAD~1, main)")
@@ -60,11 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     if len(set(names)) < len(names):
         parser.error(f"a case is named twice in {names}: each is measured once, in turns")
     with tempfile.TemporaryDirectory(prefix="vae-compare-") as tmp, ExitStack() as stack:
-        work, tree = Path(tmp), Path(tmp) / "base"
-        git = ["git", "-C", str(REPO), "worktree"]
-        subprocess.run([*git, "add", "--detach", "-q", str(tree), args.base], check=True)
-        stack.callback(subprocess.run, [*git, "remove", "--force", str(tree)], check=True)
-        servers = [stack.enter_context(serve(*side, work)) for side in (("base", tree), ("change", REPO))]
+        work = Path(tmp)
+        servers = [stack.enter_context(serve(*side, work)) for side in trees(args.base, work, stack)]
         # Requests, seconds and CPU seconds of each (server, case).
         totals: dict[tuple[str, str], tuple[int, float, float]] = {}
         for name in names:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import io
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -25,9 +24,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-from compare import serve
+from compare import serve, trees
 from PIL import Image
-from run import REPO, Server
+from run import Server
 
 SIDE = 4096
 # Seconds between two /health probes: a light load that leaves the large uploads the server.
@@ -95,13 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     png = large_png()
     with tempfile.TemporaryDirectory(prefix="vae-stall-") as tmp, ExitStack() as stack:
         work = Path(tmp)
-        sides = [("change", REPO)]
-        if args.base:
-            tree = work / "base"
-            git = ["git", "-C", str(REPO), "worktree"]
-            subprocess.run([*git, "add", "--detach", "-q", str(tree), args.base], check=True)
-            stack.callback(subprocess.run, [*git, "remove", "--force", str(tree)], check=True)
-            sides.insert(0, ("base", tree))
+        sides = trees(args.base, work, stack)
         servers = [stack.enter_context(serve(name, tree, work)) for name, tree in sides]
         order = [server for i in range(args.turns) for server in (servers if i % 2 == 0 else servers[::-1])]
         measured: dict[str, tuple[list[float], list[float], list[float]]] = {
