@@ -158,15 +158,15 @@ def sha256_file(path: Path) -> str:
 def load_card(model_dir: Path) -> ModelCard:
     """Read and validate `model.json` in `model_dir` (raises ValueError naming the problem)."""
     path = model_dir / CARD_FILE
-    if not path.is_file():
-        raise ValueError(f"{path}: model card not found")
     try:
+        if not path.is_file():
+            raise ValueError(f"{path}: model card not found")
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not valid JSON ({error})") from error
     except UnicodeDecodeError as error:
         raise ValueError(f"{path}: not UTF-8 text ({error})") from error
-    except OSError as error:  # a file this process may not read (another user's, mode 600)
+    except OSError as error:  # another user's file (mode 600), or in a directory of mode 700
         raise ValueError(f"{path}: cannot be read ({error.strerror})") from error
     try:
         return ModelCard.model_validate(raw)

@@ -451,11 +451,11 @@ def _open(
 ) -> ort.InferenceSession:
     """Check the file's sha256, open a session on it and check its interface against the card."""
     path = model_dir / spec.file
-    if not path.is_file():
-        raise ModelError(f"{path}: not found (model.json {graph}.file)")
     try:
+        if not path.is_file():
+            raise ModelError(f"{path}: not found (model.json {graph}.file)")
         digest = sha256_file(path)
-    except OSError as error:  # a file this process may not read (another user's, mode 600)
+    except OSError as error:  # another user's file (mode 600), or in a directory of mode 700
         raise ModelError(f"{path}: cannot be read ({error.strerror}; model.json {graph}.file)") from error
     if digest != spec.sha256:
         raise ModelError(f"{path}: sha256 is {digest} but model.json {graph}.sha256 says {spec.sha256}")

@@ -14,7 +14,6 @@ import onnxruntime as ort
 import pytest
 from fastapi.testclient import TestClient
 
-from service import runtime
 from service.config import Settings
 from service.main import create_app
 from service.model_card import ModelCard, sha256_file
@@ -119,24 +118,39 @@ def test_missing_card(model_copy: Path) -> None:
 def test_files_this_process_cannot_read_are_named(
     model_copy: Path, card: ModelCard, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A card or graph of mode 600 written by another user (the trainer's, for the API's uid): one line
-    naming the file, where there was only the traceback of a PermissionError. (Simulated: root reads all.)"""
-    unreadable: set[Path] = set()
-    read_text, sha256 = Path.read_text, runtime.sha256_file
+    """Files of another user's (the trainer's, under umask 077, for the API's uid): one line naming the file,
+    where there was only the traceback of a PermissionError. Simulated, as root reads everything: opening
+    the files refused (mode 600), then looking them up at all (their directory of mode 700)."""
+    refused: dict[str, set[Path]] = {"open": set(), "stat": set()}
+    originals = {name: getattr(Path, name) for name in refused}
 
-    def refuse(path: Path) -> None:
-        if path in unreadable:
-            raise PermissionError(13, "Permission denied", str(path))
+    def guarded(name: str) -> Callable[..., Any]:
+        def call(path: Path, *args: Any, **kwargs: Any) -> Any:
+            if path in refused[name]:
+                raise PermissionError(13, "Permission denied", str(path))
+            return originals[name](path, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_text", lambda path, *a, **k: refuse(path) or read_text(path, *a, **k))
-    monkeypatch.setattr(runtime, "sha256_file", lambda path: refuse(path) or sha256(path))
-    unreadable.add(model_copy / card.decoder.file)
+        return call
+
+    for name in refused:
+        monkeypatch.setattr(Path, name, guarded(name))
+    files = [model_copy / name for name in ("model.json", card.encoder.file, card.decoder.file)]
+    refused["open"].add(files[2])
     with pytest.raises(
-        ModelError, match=rf"{card.decoder.file}: cannot be read \(Permission denied; model.json"
+        ModelError, match=rf"{card.decoder.file}: cannot be read \(Permission denied; model.json decoder.file"
     ):
         load(model_copy)
-    unreadable.add(model_copy / "model.json")
+    refused["open"].add(files[0])
     with pytest.raises(ModelError, match=r"model.json: cannot be read \(Permission denied\)$"):
+        load(model_copy)
+    refused["open"].clear()
+    refused["stat"].update(files)
+    with pytest.raises(ModelError, match=r"model.json: cannot be read \(Permission denied\)$"):
+        load(model_copy)
+    refused["stat"].remove(files[0])
+    with pytest.raises(
+        ModelError, match=rf"{card.encoder.file}: cannot be read \(Permission denied; model.json encoder.file"
+    ):
         load(model_copy)
 
 
