@@ -97,6 +97,19 @@ MAX_JPEG_SCANS = 100
 # markers aside), and each costs the walk a step in Python (16 MiB of 4-byte comments took 1.7 s).
 MAX_JPEG_MARKERS = 4096
 _JPEG_START = b"\xff\xd8"
+# Most strips or tiles a TIFF's image is made of. Pillow makes an object of each while it opens the file,
+# before its size can be checked, and wraps round the image for more than it has: a 2 x 2 image naming 7
+# million strips (14 MB) took 24 s and 1.7 GB to open. Encoders cut an image into strips of a few
+# kilobytes or tiles of at least 16 x 16 pixels (4096 x 4096 of those is this many).
+MAX_TIFF_PARTS = 1 << 16
+# A TIFF's first bytes: (byte order, BigTIFF).
+_TIFF_HEADERS = {b"II*\0": ("<", False), b"MM\0*": (">", False), b"II+\0": ("<", True), b"MM\0+": (">", True)}
+# The directory entries that list a TIFF's strips and tiles (their count is how many there are).
+_TIFF_PARTS = {273: "strips", 324: "tiles"}
+# Most bytes of an upload that Pillow decodes in Python rather than C (its registered Python decoders: QOI,
+# DDS without compression, BMP's run-length encoding, plain and 16-bit PPM, XPM, MSP, 16-bit SGI, gzipped
+# FITS), about 0.7 us a byte at worst: a 14 MB DDS took 11 s. This many take under a second.
+MAX_PYTHON_DECODED_BYTES = 1 << 20
 # A JPEG marker: 0xFF and a code other than 0x00 (a stuffed byte of entropy-coded data), 0xD0-0xD7 (restart
 # markers, within entropy-coded data) and 0xFF (fill before a marker).
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
@@ -136,15 +149,17 @@ def read_pixels(
     max_pixels: int | None = None,
     budget: int | None = None,
     formats: tuple[str, ...] | None = None,
+    max_python_bytes: int | None = None,
 ) -> Floats:
     """Decode one image to (H, W, C) in [0, 1] at its own size, with the model's channels.
 
     Images of more than `max_pixels` (width x height) are refused from their header, before any pixel is
     decompressed (ImageTooLarge), and so are those of more than `budget`, the pixels their request has left
     (OverBudget); so is anything Pillow's own decompression-bomb guard refuses. `formats` limits what Pillow
-    may read (None: any format it knows). Transparent pixels take the background colour of images drawn the
-    model's way, or the other way round with `invert` (dark strokes on white paper for a model trained on
-    light-on-dark digits).
+    may read (None: any format it knows), and `max_python_bytes` the size of a file that it decodes in
+    Python (MAX_PYTHON_DECODED_BYTES for an upload; None: any). Transparent pixels take the background
+    colour of images drawn the model's way, or the other way round with `invert` (dark strokes on white paper
+    for a model trained on light-on-dark digits).
     """
     if not data:
         raise ImageError("is empty (0 bytes)")
@@ -156,6 +171,8 @@ def read_pixels(
         return _composited(plain, spec.channels, light_background)
     if data.startswith(_JPEG_START):
         _check_jpeg_markers(data)
+    if data[:4] in _TIFF_HEADERS:
+        _check_tiff_parts(data)
     refused = _REFUSED_BEFORE_OPENING.get(data[:4])
     if refused is not None:
         raise ImageError(f"is in the {refused} format, which this server does not decode")
@@ -171,10 +188,17 @@ def read_pixels(
                 raise OverBudget(width * height)
             if opened.format in _REFUSED_FORMATS or isinstance(opened, ImageFile.StubImageFile):
                 raise ImageError(f"is in the {opened.format} format, which this server does not decode")
-            frames = getattr(opened, "n_frames", 1)
-            if frames > 1 and opened.format in _SEQUENCE_FORMATS:
+            # Not n_frames: counting a TIFF's pages walks them all, in time that grows with their square
+            # (80000 empty pages, 4.3 MB, took 25 s).
+            if getattr(opened, "is_animated", False) and opened.format in _SEQUENCE_FORMATS:
                 raise ImageError(
-                    f"is a {opened.format} of {frames} frames; send each frame as an image of its own"
+                    f"is a {opened.format} of more than one frame; send each frame as an image of its own"
+                )
+            in_python = {tile[0] for tile in opened.tile} & Image.DECODERS.keys()
+            if in_python and max_python_bytes is not None and len(data) > max_python_bytes:
+                raise ImageError(
+                    f"is a {opened.format} of {len(data)} bytes, which is decoded in Python here; "
+                    f"this server decodes at most {max_python_bytes} bytes of it (send a PNG or JPEG)"
                 )
             if opened.format == "PNG":
                 _check_png_rows(data, width, height)
@@ -235,6 +259,28 @@ def _check_jpeg_markers(data: bytes) -> None:
         if scans > MAX_JPEG_SCANS:
             raise ImageError(f"is a JPEG of more than {MAX_JPEG_SCANS} scans, the most this server decodes")
     raise ImageError(f"is a JPEG of more than {MAX_JPEG_MARKERS} markers, the most this server reads")
+
+
+def _check_tiff_parts(data: bytes) -> None:
+    """ImageError for a TIFF whose first image is made of more than MAX_TIFF_PARTS strips or tiles, read from
+    the counts in its first directory (not the offsets themselves). A file cut short ends the check: Pillow
+    then says what is wrong."""
+    order, big = _TIFF_HEADERS[data[:4]]
+    # (directory offset, entry count, entry) formats: classic TIFF, or BigTIFF's 64-bit offsets and counts.
+    where, count_of, entry = (order + "Q", order + "Q", "HHQQ") if big else (order + "I", order + "H", "HHII")
+    size = struct.calcsize(order + entry)
+    try:
+        (directory,) = struct.unpack_from(where, data, 8 if big else 4)
+        (entries,) = struct.unpack_from(count_of, data, directory)
+        start = directory + struct.calcsize(count_of)
+        listed = data[start : start + min(entries, (len(data) - start) // size) * size]
+    except struct.error:
+        return
+    for tag, _, count, _ in struct.iter_unpack(order + entry, listed):
+        if tag in _TIFF_PARTS and count > MAX_TIFF_PARTS:
+            raise ImageError(
+                f"is a TIFF of {count} {_TIFF_PARTS[tag]}, more than the {MAX_TIFF_PARTS} this server reads"
+            )
 
 
 def _plain_png(data: bytes, channels: int, max_pixels: int | None) -> npt.NDArray[np.uint8] | None:

@@ -281,7 +281,8 @@ def test_images_of_several_frames_are_refused(fmt: str) -> None:
     """An animation or a multi-page file is several images: none of its frames is dropped silently."""
     first, *rest = [Image.fromarray(np.full((8, 8), level, dtype=np.uint8)) for level in (0, 255, 128)]
     data = encoded(first, fmt, save_all=True, append_images=rest)
-    with pytest.raises(ImageError, match=f"is a {fmt} of 3 frames; send each frame as an image of its own"):
+    message = f"is a {fmt} of more than one frame; send each frame as an image of its own"
+    with pytest.raises(ImageError, match=message):
         read_pixels(data, GREY)
     np.testing.assert_array_equal(read_pixels(encoded(first, fmt, save_all=True), GREY), 0.0)  # one frame
 
@@ -596,3 +597,54 @@ def test_formats_that_need_an_outside_program_or_wrap_a_jpeg_are_named_not_decod
     wmf += bytes(44)
     with pytest.raises(ImageError, match="^is in the WMF format, which this server does not decode$"):
         read_pixels(wmf, GREY)
+
+
+def tiff_of_strips(strips: int, *, big: bool = False) -> bytes:
+    """A 2x2 greyscale TIFF (little-endian, classic or BigTIFF) whose first directory lists `strips` strip
+    offsets, taking turns between its two rows, one row a strip: Pillow would make an object of each."""
+    count_of, entry, value_size = ("<Q", "<HHQQ", 8) if big else ("<H", "<HHII", 4)
+    first = 16 if big else 8
+    header = b"II+\x00" + struct.pack("<HHQ", 8, 0, first) if big else b"II*\x00" + struct.pack("<I", first)
+    entries = 7
+    offsets_at = first + struct.calcsize(count_of) + entries * struct.calcsize(entry) + value_size
+    inline = 4 * strips <= value_size  # values that fit in an entry are written in it
+    pixels_at = offsets_at + (0 if inline else 4 * strips)
+    offsets = struct.pack(f"<{strips}I", *([pixels_at, pixels_at + 2] * strips)[:strips])
+    tags = [
+        (256, 3, 1, 2),  # width
+        (257, 3, 1, 2),  # height
+        (258, 3, 1, 8),  # bits per sample
+        (262, 3, 1, 1),  # black is zero
+        (273, 4, strips, int.from_bytes(offsets, "little") if inline else offsets_at),  # strip offsets
+        (278, 3, 1, 1),  # rows per strip
+        (279, 3, 1, 2),  # bytes of each strip (one value for all: Pillow reads it so)
+    ]
+    directory = struct.pack(count_of, entries) + b"".join(struct.pack(entry, *tag) for tag in tags)
+    directory += b"\x00" * value_size  # no next directory
+    return header + directory + (b"" if inline else offsets) + b"\x00\xff\xff\x00"
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["tiff", "bigtiff"])
+def test_a_tiff_of_more_strips_than_an_image_has_rows_is_refused_unopened(big: bool) -> None:
+    """Pillow makes an object of each strip as it opens the file, wrapping round the image for more: a 2x2
+    image that names 7 million strips (14 MB) took 24 s and 1.7 GB before its size could be checked."""
+    np.testing.assert_array_equal(read_pixels(tiff_of_strips(2, big=big), GREY)[..., 0], [[0, 1], [1, 0]])
+    too_many = imaging.MAX_TIFF_PARTS + 1
+    with pytest.raises(ImageError, match=f"^is a TIFF of {too_many} strips, more than the 65536 this server"):
+        read_pixels(tiff_of_strips(too_many, big=big), GREY)
+
+
+def test_large_files_that_pillow_decodes_in_python_are_refused_for_uploads() -> None:
+    """A QOI (or an uncompressed DDS, ...) is decoded a byte at a time in Python: 14 MB took 10 s of the one
+    image-decoding thread. Uploads of more than MAX_PYTHON_DECODED_BYTES are refused; training's own files
+    are read whatever their size."""
+    side = 600  # noise: 4 bytes a pixel in QOI, 1.4 MB
+    noise = np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    data = encoded(Image.fromarray(noise), "QOI")
+    assert len(data) > imaging.MAX_PYTHON_DECODED_BYTES
+    message = f"^is a QOI of {len(data)} bytes, which is decoded in Python here; this server decodes at most"
+    with pytest.raises(ImageError, match=message):
+        read_pixels(data, GREY, max_python_bytes=imaging.MAX_PYTHON_DECODED_BYTES)
+    assert read_pixels(data, GREY).shape == (side, side, 1)
+    small = encoded(Image.fromarray(noise[:8, :8]), "QOI")
+    assert read_pixels(small, GREY, max_python_bytes=imaging.MAX_PYTHON_DECODED_BYTES).shape == (8, 8, 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import struct
 import threading
 import zlib
@@ -11,6 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from service import gaussian, imaging
 from service.api import bodies
@@ -150,6 +152,18 @@ def test_a_format_whose_header_does_not_bound_the_decode_is_read_on_the_thread(
     assert decoding_threads(client, monkeypatch, icns, status=400) == [False, True]
     assert detail(client.post("/encode", files=files(icns)), 400).endswith(
         "is in the ICNS format, which this server does not decode"
+    )
+
+
+def test_an_upload_that_pillow_would_decode_in_python_for_seconds_is_refused(client: TestClient) -> None:
+    """QOI is decoded a byte at a time in Python (14 MB: 10 s of the one image-decoding thread)."""
+    noise = np.random.default_rng(0).integers(0, 256, (600, 600, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(noise).save(buffer, "QOI")
+    qoi = buffer.getvalue()
+    assert detail(client.post("/encode", files=files(qoi)), 400) == (
+        f"file 0 ('image0.png') is a QOI of {len(qoi)} bytes, which is decoded in Python here; this server "
+        f"decodes at most {imaging.MAX_PYTHON_DECODED_BYTES} bytes of it (send a PNG or JPEG)"
     )
 
 
