@@ -315,9 +315,13 @@ class APIKeys:
             await self.app(scope, receive, send)
             return
         presented, malformed = _presented_keys(scope)
+        # A refused request's body is never read: its connection is closed rather than left for the server
+        # to read the body to its end and discard it, for as long and as much as a client without a key
+        # sends (the body's limits apply only to requests let in).
+        close = CLOSE if _content_length(scope) or _has_header(scope, b"transfer-encoding") else {}
         if not presented:
             detail = "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
-            headers = {"WWW-Authenticate": "Bearer"}
+            headers = {"WWW-Authenticate": "Bearer", **close}
             await refuse(scope, receive, send, status.HTTP_401_UNAUTHORIZED, detail, headers)
             return
         # Every key sent must be valid: with two headers that disagree, neither is taken over the other, and
@@ -333,7 +337,7 @@ class APIKeys:
                 detail = "an API key sent is not valid: the Authorization header is not 'Bearer <key>'"
             else:
                 detail = "the API key is not valid" if len(presented) == 1 else "an API key sent is not valid"
-            await refuse(scope, receive, send, status.HTTP_403_FORBIDDEN, detail)
+            await refuse(scope, receive, send, status.HTTP_403_FORBIDDEN, detail, close)
             return
         await self.app(scope, receive, send)
 

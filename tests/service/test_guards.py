@@ -331,6 +331,17 @@ def test_a_wrong_key_is_403(guarded: TestClient, headers: dict[str, str]) -> Non
     assert detail(response, 403) == "the API key is not valid"
 
 
+def test_a_refused_key_closes_the_connection_of_a_request_with_a_body(guarded: TestClient) -> None:
+    """Its body is not read: left open, the server read the rest of it and threw it away, for as long as the
+    client sent (1.9 GB of a declared 100 GB without a key), outside the limits of requests let in."""
+    for headers, status in [({}, 401), (bearer("wrong"), 403)]:
+        response = guarded.post("/decode", json=LATENTS, headers=headers)
+        assert response.status_code == status and response.headers["connection"] == "close"
+        # Without a body there is nothing to drain: the connection is kept for the client's next request.
+        response = guarded.get("/model", headers=headers)
+        assert response.status_code == status and "connection" not in response.headers
+
+
 @pytest.mark.parametrize("first", ["authorization", "x-api-key"])
 def test_two_keys_must_both_be_valid(guarded: TestClient, first: str) -> None:
     """A valid key in one header does not let a wrong one in the other through, whichever comes first."""

@@ -33,8 +33,16 @@ _FILES = {
     for path in sorted(STATIC_DIR.iterdir())
     if path.suffix in _MEDIA_TYPES
 }
-# Browsers revalidate on every load, so a new version of the package is seen at once.
-_HEADERS = {"cache-control": "no-cache"}
+# Browsers revalidate on every load, so a new version of the package is seen at once. The page runs only its
+# own files (its images are data: URLs of the API's PNGs), calls only this origin, and is not to be framed
+# by another site (it holds the API key the user typed): what else a browser is asked to refuse.
+_HEADERS = {
+    "cache-control": "no-cache",
+    "content-security-policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; "
+    "base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+}
 
 router = APIRouter(tags=["playground"], include_in_schema=False)
 

@@ -76,6 +76,24 @@ def test_the_page_and_its_files_are_served(client: TestClient) -> None:
         assert response.content == (STATIC_DIR / Path(path).name).read_bytes()
 
 
+def test_the_page_and_its_files_ask_the_browser_to_run_nothing_else(client: TestClient) -> None:
+    """No script, style or frame from elsewhere, no other form target, no framing by another site (the
+    page holds the API key typed into it), no sniffing a file as another type. The browser tests run the
+    page under this policy, and fail on any violation it logs."""
+    for path in ["/", *page_assets()]:
+        headers = client.get(path).headers
+        policy = dict(rule.strip().split(" ", 1) for rule in headers["content-security-policy"].split(";"))
+        assert policy == {
+            "default-src": "'self'",
+            "img-src": "'self' data:",
+            "object-src": "'none'",
+            "base-uri": "'none'",
+            "form-action": "'none'",
+            "frame-ancestors": "'none'",
+        }, path
+        assert (headers["x-content-type-options"], headers["x-frame-options"]) == ("nosniff", "DENY"), path
+
+
 @pytest.mark.parametrize(
     "name",
     ["missing.js", "index", "playground.py", "a\0.js", "a" * 300 + ".js"],
