@@ -97,19 +97,38 @@ MAX_JPEG_SCANS = 100
 # markers aside), and each costs the walk a step in Python (16 MiB of 4-byte comments took 1.7 s).
 MAX_JPEG_MARKERS = 4096
 _JPEG_START = b"\xff\xd8"
-# Most strips or tiles a TIFF's image is made of. Pillow makes an object of each while it opens the file,
-# before its size can be checked, and wraps round the image for more than it has: a 2 x 2 image naming 7
-# million strips (14 MB) took 24 s and 1.7 GB to open. Encoders cut an image into strips of a few
-# kilobytes or tiles of at least 16 x 16 pixels (4096 x 4096 of those is this many).
+# Most strips or tiles a TIFF's image is made of, for each plane (an image stored a channel at a time has
+# up to 4). Pillow makes an object of each while it opens the file, before its size can be checked, and
+# wraps round the image for more than it has: a 2 x 2 image naming 7 million strips (14 MB) took 24 s and
+# 1.7 GB to open. Encoders cut an image into strips of a few kilobytes or tiles of at least 16 x 16 pixels
+# (4096 x 4096 of those is this many).
 MAX_TIFF_PARTS = 1 << 16
-# A TIFF's first bytes: (byte order, BigTIFF).
-_TIFF_HEADERS = {b"II*\0": ("<", False), b"MM\0*": (">", False), b"II+\0": ("<", True), b"MM\0+": (">", True)}
+# Most values of any one entry in a TIFF's first directory, numbers that Pillow unpacks one object each as
+# it opens the file (2 million resolution values, 16 MB, took 2.5 s and 300 MB). A 16-bit palette has
+# 196608; strips and tiles are bounded above.
+MAX_TIFF_VALUES = 1 << 18
+# A TIFF's first bytes, as Pillow accepts them: (byte order, BigTIFF).
+_TIFF_HEADERS = {
+    b"II*\0": ("<", False),
+    b"II\0*": ("<", False),
+    b"MM\0*": (">", False),
+    b"MM*\0": (">", False),
+    b"II+\0": ("<", True),
+    b"MM\0+": (">", True),
+}
 # The directory entries that list a TIFF's strips and tiles (their count is how many there are).
 _TIFF_PARTS = {273: "strips", 324: "tiles"}
-# Most bytes of an upload that Pillow decodes in Python rather than C (its registered Python decoders: QOI,
-# DDS without compression, BMP's run-length encoding, plain and 16-bit PPM, XPM, MSP, 16-bit SGI, gzipped
-# FITS), about 0.7 us a byte at worst: a 14 MB DDS took 11 s. This many take under a second.
+# Directory entries: samples a pixel, and whether they are stored a plane at a time (2) or together (1).
+_TIFF_SAMPLES, _TIFF_PLANAR = 277, 284
+# Entry types whose values Pillow keeps as bytes rather than unpacking: BYTE, ASCII, UNDEFINED.
+_TIFF_BYTES = frozenset({1, 2, 7})
+_TIFF_SHORT = 3
+# Most bytes, and pixels, of an upload that Pillow decodes in Python rather than C (its registered Python
+# decoders: QOI, DDS without compression, BMP's run-length encoding, plain and 16-bit PPM, XPM, MSP, 16-bit
+# SGI, gzipped FITS): about 0.7 us a byte at worst (a 14 MB DDS took 11 s), and gzipped FITS 0.15 us a
+# pixel (a 68 kB file of 4000 x 4000 took 2.3 s). Either limit takes under a second.
 MAX_PYTHON_DECODED_BYTES = 1 << 20
+MAX_PYTHON_DECODED_PIXELS = 1 << 22
 # A JPEG marker: 0xFF and a code other than 0x00 (a stuffed byte of entropy-coded data), 0xD0-0xD7 (restart
 # markers, within entropy-coded data) and 0xFF (fill before a marker).
 _JPEG_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")
@@ -149,17 +168,17 @@ def read_pixels(
     max_pixels: int | None = None,
     budget: int | None = None,
     formats: tuple[str, ...] | None = None,
-    max_python_bytes: int | None = None,
+    limit_python: bool = False,
 ) -> Floats:
     """Decode one image to (H, W, C) in [0, 1] at its own size, with the model's channels.
 
     Images of more than `max_pixels` (width x height) are refused from their header, before any pixel is
     decompressed (ImageTooLarge), and so are those of more than `budget`, the pixels their request has left
     (OverBudget); so is anything Pillow's own decompression-bomb guard refuses. `formats` limits what Pillow
-    may read (None: any format it knows), and `max_python_bytes` the size of a file that it decodes in
-    Python (MAX_PYTHON_DECODED_BYTES for an upload; None: any). Transparent pixels take the background
-    colour of images drawn the model's way, or the other way round with `invert` (dark strokes on white paper
-    for a model trained on light-on-dark digits).
+    may read (None: any format it knows), and `limit_python` (for an upload) the size of a file that it
+    decodes in Python (MAX_PYTHON_DECODED_BYTES and MAX_PYTHON_DECODED_PIXELS). Transparent pixels take the
+    background colour of images drawn the model's way, or the other way round with `invert` (dark strokes on
+    white paper for a model trained on light-on-dark digits).
     """
     if not data:
         raise ImageError("is empty (0 bytes)")
@@ -194,12 +213,8 @@ def read_pixels(
                 raise ImageError(
                     f"is a {opened.format} of more than one frame; send each frame as an image of its own"
                 )
-            in_python = {tile[0] for tile in opened.tile} & Image.DECODERS.keys()
-            if in_python and max_python_bytes is not None and len(data) > max_python_bytes:
-                raise ImageError(
-                    f"is a {opened.format} of {len(data)} bytes, which is decoded in Python here; "
-                    f"this server decodes at most {max_python_bytes} bytes of it (send a PNG or JPEG)"
-                )
+            if limit_python and {tile[0] for tile in opened.tile} & Image.DECODERS.keys():
+                _check_python_decoded(opened.format, len(data), width * height)
             if opened.format == "PNG":
                 _check_png_rows(data, width, height)
             ImageOps.exif_transpose(opened, in_place=True)  # the upload's own copy: no second one
@@ -261,25 +276,54 @@ def _check_jpeg_markers(data: bytes) -> None:
     raise ImageError(f"is a JPEG of more than {MAX_JPEG_MARKERS} markers, the most this server reads")
 
 
+def _check_python_decoded(image_format: str | None, size: int, pixels: int) -> None:
+    """ImageError for a file that Pillow would decode in Python, of more than MAX_PYTHON_DECODED_BYTES or
+    MAX_PYTHON_DECODED_PIXELS."""
+    for amount, most, unit in (
+        (size, MAX_PYTHON_DECODED_BYTES, "bytes"),
+        (pixels, MAX_PYTHON_DECODED_PIXELS, "pixels"),
+    ):
+        if amount > most:
+            raise ImageError(
+                f"is a {image_format} of {amount} {unit}, which is decoded in Python here; this server "
+                f"decodes at most {most} {unit} of it (send a PNG or JPEG)"
+            )
+
+
 def _check_tiff_parts(data: bytes) -> None:
-    """ImageError for a TIFF whose first image is made of more than MAX_TIFF_PARTS strips or tiles, read from
-    the counts in its first directory (not the offsets themselves). A file cut short ends the check: Pillow
-    then says what is wrong."""
+    """ImageError for a TIFF whose first directory lists more strips or tiles than MAX_TIFF_PARTS a plane,
+    or more than MAX_TIFF_VALUES numbers in one entry, read from the entries' counts (not their values). A
+    file cut short ends the check: Pillow then says what is wrong."""
     order, big = _TIFF_HEADERS[data[:4]]
     # (directory offset, entry count, entry) formats: classic TIFF, or BigTIFF's 64-bit offsets and counts.
-    where, count_of, entry = (order + "Q", order + "Q", "HHQQ") if big else (order + "I", order + "H", "HHII")
+    where, count_of, entry = (
+        (order + "Q", order + "Q", "HHQ8s") if big else (order + "I", order + "H", "HHI4s")
+    )
     size = struct.calcsize(order + entry)
     try:
         (directory,) = struct.unpack_from(where, data, 8 if big else 4)
         (entries,) = struct.unpack_from(count_of, data, directory)
-        start = directory + struct.calcsize(count_of)
-        listed = data[start : start + min(entries, (len(data) - start) // size) * size]
-    except struct.error:
+    except (struct.error, OverflowError):  # past the end, or past what an offset can be
         return
-    for tag, _, count, _ in struct.iter_unpack(order + entry, listed):
-        if tag in _TIFF_PARTS and count > MAX_TIFF_PARTS:
+    start = directory + struct.calcsize(count_of)
+    listed = data[start : start + min(entries, (len(data) - start) // size) * size]
+    parts, samples, planar = {}, 1, 1
+    for tag, kind, count, value in struct.iter_unpack(order + entry, listed):
+        if kind not in _TIFF_BYTES and count > MAX_TIFF_VALUES:
             raise ImageError(
-                f"is a TIFF of {count} {_TIFF_PARTS[tag]}, more than the {MAX_TIFF_PARTS} this server reads"
+                f"is a TIFF whose entry {tag} lists {count} values, more than the {MAX_TIFF_VALUES} this "
+                "server reads"
+            )
+        if tag in _TIFF_PARTS:
+            parts[tag] = count
+        elif tag in (_TIFF_SAMPLES, _TIFF_PLANAR) and kind == _TIFF_SHORT and count == 1:
+            number = int.from_bytes(value[:2], "little" if order == "<" else "big")
+            samples, planar = (number, planar) if tag == _TIFF_SAMPLES else (samples, number)
+    most = MAX_TIFF_PARTS * (min(samples, 4) if planar == 2 else 1)
+    for tag, count in parts.items():
+        if count > most:
+            raise ImageError(
+                f"is a TIFF of {count} {_TIFF_PARTS[tag]}, more than the {most} this server reads"
             )
 
 

@@ -505,7 +505,7 @@ def _decode(
                 max_pixels=limit,
                 budget=max_request_pixels - pixels,
                 formats=formats,
-                max_python_bytes=imaging.MAX_PYTHON_DECODED_BYTES,
+                limit_python=True,
             )
         except imaging.ImageError as error:
             if inline_pixels is not None:

@@ -599,13 +599,16 @@ def test_formats_that_need_an_outside_program_or_wrap_a_jpeg_are_named_not_decod
         read_pixels(wmf, GREY)
 
 
-def tiff_of_strips(strips: int, *, big: bool = False) -> bytes:
+def tiff_of_strips(
+    strips: int, *, big: bool = False, extra: tuple[tuple[int, int, int, int], ...] = ()
+) -> bytes:
     """A 2x2 greyscale TIFF (little-endian, classic or BigTIFF) whose first directory lists `strips` strip
-    offsets, taking turns between its two rows, one row a strip: Pillow would make an object of each."""
+    offsets, taking turns between its two rows, one row a strip (Pillow would make an object of each), and
+    the `extra` entries (tag, type, count, value) after them."""
     count_of, entry, value_size = ("<Q", "<HHQQ", 8) if big else ("<H", "<HHII", 4)
     first = 16 if big else 8
     header = b"II+\x00" + struct.pack("<HHQ", 8, 0, first) if big else b"II*\x00" + struct.pack("<I", first)
-    entries = 7
+    entries = 7 + len(extra)
     offsets_at = first + struct.calcsize(count_of) + entries * struct.calcsize(entry) + value_size
     inline = 4 * strips <= value_size  # values that fit in an entry are written in it
     pixels_at = offsets_at + (0 if inline else 4 * strips)
@@ -618,6 +621,7 @@ def tiff_of_strips(strips: int, *, big: bool = False) -> bytes:
         (273, 4, strips, int.from_bytes(offsets, "little") if inline else offsets_at),  # strip offsets
         (278, 3, 1, 1),  # rows per strip
         (279, 3, 1, 2),  # bytes of each strip (one value for all: Pillow reads it so)
+        *extra,
     ]
     directory = struct.pack(count_of, entries) + b"".join(struct.pack(entry, *tag) for tag in tags)
     directory += b"\x00" * value_size  # no next directory
@@ -634,6 +638,41 @@ def test_a_tiff_of_more_strips_than_an_image_has_rows_is_refused_unopened(big: b
         read_pixels(tiff_of_strips(too_many, big=big), GREY)
 
 
+def test_a_tiff_with_the_other_magic_numbers_pillow_accepts_is_checked_too() -> None:
+    """Pillow opens 'II\\0*' (and 'MM*\\0') as it does 'II*\\0': a check that knew only the usual four let
+    3.9 million strips through (13.6 s and 2 GB)."""
+    with pytest.raises(ImageError, match="strips, more than the 65536 this server reads"):
+        read_pixels(b"II\0*" + tiff_of_strips(imaging.MAX_TIFF_PARTS + 1)[4:], GREY)
+
+
+def test_a_tiff_directory_past_any_offset_is_a_file_pillow_refuses() -> None:
+    """An offset of 2^63 overflowed the check's unpacking: a 500 instead of the 400 of a corrupt file."""
+    with pytest.raises(ImageError, match="cannot be decoded"):
+        read_pixels(b"II+\0\x08\0\0\0" + struct.pack("<Q", 2**63) + bytes(16), GREY)
+
+
+def test_a_tiff_entry_of_too_many_numbers_is_refused_unopened() -> None:
+    """Pillow unpacks each number of an entry as it opens the file: 2 million resolution values (16 MB) took
+    2.5 s and 300 MB for a 2 x 2 image."""
+    values = imaging.MAX_TIFF_VALUES + 1
+    data = tiff_of_strips(2, extra=((282, 5, values, 0),))  # XResolution, RATIONAL
+    with pytest.raises(ImageError, match=f"^is a TIFF whose entry 282 lists {values} values, more than the"):
+        read_pixels(data, GREY)
+
+
+def test_an_image_stored_a_plane_at_a_time_may_have_strips_for_each_plane() -> None:
+    """A 4096 x 4096 RGB TIFF of 16 x 16 tiles a plane at a time has 196608 of them: a legitimate file."""
+    strips = imaging.MAX_TIFF_PARTS * 3
+    planes = (284, 3, 1, 2)  # planar configuration: a plane at a time
+    with pytest.raises(ImageError, match=f"^is a TIFF of {strips} strips, more than the 65536 this server"):
+        read_pixels(tiff_of_strips(strips, extra=(planes,)), GREY)  # one sample a pixel: one plane
+    three = tiff_of_strips(strips, extra=((277, 3, 1, 3), planes))  # three samples a pixel
+    try:
+        read_pixels(three, GREY)  # this file's strips are not three planes' pixels: Pillow may refuse it
+    except ImageError as error:
+        assert "more than the" not in str(error)
+
+
 def test_large_files_that_pillow_decodes_in_python_are_refused_for_uploads() -> None:
     """A QOI (or an uncompressed DDS, ...) is decoded a byte at a time in Python: 14 MB took 10 s of the one
     image-decoding thread. Uploads of more than MAX_PYTHON_DECODED_BYTES are refused; training's own files
@@ -644,7 +683,12 @@ def test_large_files_that_pillow_decodes_in_python_are_refused_for_uploads() -> 
     assert len(data) > imaging.MAX_PYTHON_DECODED_BYTES
     message = f"^is a QOI of {len(data)} bytes, which is decoded in Python here; this server decodes at most"
     with pytest.raises(ImageError, match=message):
-        read_pixels(data, GREY, max_python_bytes=imaging.MAX_PYTHON_DECODED_BYTES)
+        read_pixels(data, GREY, limit_python=True)
     assert read_pixels(data, GREY).shape == (side, side, 1)
     small = encoded(Image.fromarray(noise[:8, :8]), "QOI")
-    assert read_pixels(small, GREY, max_python_bytes=imaging.MAX_PYTHON_DECODED_BYTES).shape == (8, 8, 1)
+    assert read_pixels(small, GREY, limit_python=True).shape == (8, 8, 1)
+    # A few kilobytes of many pixels: gzipped FITS costs by the pixel (68 kB of 4000 x 4000 took 2.3 s).
+    flat = encoded(Image.new("RGB", (2048, 2049)), "QOI")
+    assert len(flat) < imaging.MAX_PYTHON_DECODED_BYTES
+    with pytest.raises(ImageError, match=f"^is a QOI of {2048 * 2049} pixels, which is decoded in Python"):
+        read_pixels(flat, GREY, limit_python=True)
