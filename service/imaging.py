@@ -191,7 +191,7 @@ def read_pixels(
     if data.startswith(_JPEG_START):
         _check_jpeg_markers(data)
     if data[:4] in _TIFF_HEADERS:
-        _check_tiff_parts(data)
+        _check_tiff_directory(data)
     refused = _REFUSED_BEFORE_OPENING.get(data[:4])
     if refused is not None:
         raise ImageError(f"is in the {refused} format, which this server does not decode")
@@ -290,7 +290,7 @@ def _check_python_decoded(image_format: str | None, size: int, pixels: int) -> N
             )
 
 
-def _check_tiff_parts(data: bytes) -> None:
+def _check_tiff_directory(data: bytes) -> None:
     """ImageError for a TIFF whose first directory lists more strips or tiles than MAX_TIFF_PARTS a plane,
     or more than MAX_TIFF_VALUES numbers in one entry, read from the entries' counts (not their values). A
     file cut short ends the check: Pillow then says what is wrong."""

@@ -34,22 +34,8 @@ _LATENCY_BUCKETS = (
 # One ONNX Runtime run of a small batch takes tens of microseconds on a CPU; a run that takes until
 # VAE_STALL_TIMEOUT (30 s by default) is timed within a bucket too.
 _RUN_BUCKETS = (
-    1e-5,
-    2.5e-5,
-    5e-5,
-    1e-4,
-    2.5e-4,
-    5e-4,
-    1e-3,
-    2.5e-3,
-    5e-3,
-    0.01,
-    0.05,
-    0.25,
-    1.0,
-    5.0,
-    30.0,
-    60.0,
+    *(1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.05, 0.25, 1.0),
+    *(5.0, 30.0, 60.0),
 )
 # Batch sizes: powers of two from 1 to 4096 (by default a request carries at most 64 images or 256 latents).
 _BATCH_BUCKETS = tuple(float(2**k) for k in range(13))
