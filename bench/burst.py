@@ -165,9 +165,9 @@ def main(argv: list[str] | None = None) -> int:
             health = np.asarray(served.health_ms)
             answers = ", ".join(f"{count} {status}" for status, count in sorted(served.statuses.items()))
             print(
-                f"{name:7s} {served.peak_rss_mb:6.0f} MB {np.median(health):8.1f} ms {health.max():5.0f} ms "
+                f"{name:7s} {served.peak_rss_mb:5.0f} MiB {np.median(health):8.1f} ms {health.max():5.0f} ms "
                 f"{served.last_answer_s:9.1f} s   {answers}   |  {stopped.exit_s:.1f} s, "
-                f"{stopped.peak_rss_mb:.0f} MB"
+                f"{stopped.peak_rss_mb:.0f} MiB"
             )
     return 0
 

@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
                     cpu, rss = cpu_seconds(pid) - before_cpu, peak_rss_mb(pid) - before_rss
                 print(
                     f"{name:30s} {len(data):9d}  {tree_name:6s} {response.status_code:6d} {cpu:7.2f}s "
-                    f"{wall:7.2f}s {rss:8.0f} MB",
+                    f"{wall:7.2f}s {rss:7.0f} MiB",
                     flush=True,
                 )
     return 0

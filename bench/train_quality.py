@@ -200,7 +200,7 @@ def train_default(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--epochs", type=int, default=TrainConfig().epochs, help="for both recipes")
+    parser.add_argument("--epochs", type=int, default=TrainConfig().epochs, help="for both recipes and MADE")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument(
