@@ -453,6 +453,7 @@ async def decode_images(
 
     size = sum(len(upload.data) for upload in body) if isinstance(body, list) else len(body)
     if size <= INLINE_BYTES:
+        body = _uploads(body, limit)  # parsed once: the thread reads the same uploads if they are not small
         try:
             return read(inline_pixels=imaging.SMALL_PIXELS)
         except _NotSmall:

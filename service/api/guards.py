@@ -315,13 +315,9 @@ class APIKeys:
             await self.app(scope, receive, send)
             return
         presented, malformed = _presented_keys(scope)
-        # A refused request's body is never read: its connection is closed rather than left for the server
-        # to read the body to its end and discard it, for as long and as much as a client without a key
-        # sends (the body's limits apply only to requests let in).
-        close = CLOSE if _content_length(scope) or _has_header(scope, b"transfer-encoding") else {}
         if not presented:
             detail = "an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
-            headers = {"WWW-Authenticate": "Bearer", **close}
+            headers = {"WWW-Authenticate": "Bearer", **_close_if_body(scope)}
             await refuse(scope, receive, send, status.HTTP_401_UNAUTHORIZED, detail, headers)
             return
         # Every key sent must be valid: with two headers that disagree, neither is taken over the other, and
@@ -337,9 +333,16 @@ class APIKeys:
                 detail = "an API key sent is not valid: the Authorization header is not 'Bearer <key>'"
             else:
                 detail = "the API key is not valid" if len(presented) == 1 else "an API key sent is not valid"
-            await refuse(scope, receive, send, status.HTTP_403_FORBIDDEN, detail, close)
+            await refuse(scope, receive, send, status.HTTP_403_FORBIDDEN, detail, _close_if_body(scope))
             return
         await self.app(scope, receive, send)
+
+
+def _close_if_body(scope: Scope) -> dict[str, str]:
+    """CLOSE for a refused request that has a body: its body is never read, and the connection is closed
+    rather than left for the server to read the body to its end and discard it, for as long and as much as
+    a client without a key sends (the body's limits apply only to requests let in)."""
+    return CLOSE if _content_length(scope) or _has_header(scope, b"transfer-encoding") else {}
 
 
 def _digest(key: bytes) -> bytes:

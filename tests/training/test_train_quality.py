@@ -1,4 +1,5 @@
-"""`make train-quality` (bench/train_quality.py): both recipes' losses, in nats per image, and its JSON."""
+"""`make train-quality` (bench/train_quality.py): both recipes' and MADE's losses, in nats per image, its
+JSON, and MADE's ordering."""
 
 from __future__ import annotations
 
@@ -48,7 +49,27 @@ def test_both_recipes_report_per_image_losses_above_what_the_pixels_allow(tmp_pa
         ("default", test_floor),
         ("reference_train", train_floor),
         ("default_train", train_floor),
+        ("autoregressive", test_floor),
+        ("autoregressive_train", train_floor),
     ):
         assert math.isfinite(row[key]) and floor < row[key] < 64 * math.log(2), (key, row[key], floor)
     for key, floor in (("test", test_floor), ("train", train_floor)):
         assert math.isfinite(variant[key]) and floor < variant[key] < 64 * math.log(2), (key, variant, floor)
+
+
+def test_the_autoregressive_model_sees_only_the_pixels_before_each_one() -> None:
+    """MADE's loss is a likelihood only if each pixel's logit depends on the pixels before it alone: one that
+    saw itself would copy its own value and score near the grey-level floor."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        from train_quality import MADE
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    pixels = 64
+    model = MADE(pixels, hidden=256, seed=0)
+    x = torch.rand(1, pixels, requires_grad=True)
+    for i in range(pixels):
+        (gradient,) = torch.autograd.grad(model(x)[0, i], x)
+        assert torch.all(gradient[0, i:] == 0), i  # itself and every later pixel: no influence
+        if i > 0:
+            assert torch.any(gradient[0, :i] != 0), i  # the earlier ones do reach it
