@@ -87,7 +87,9 @@ _NO_BODY = frozenset({"GET", "HEAD"})
 
 
 def is_probe(path: str) -> bool:
-    """Whether `path` is one of the probes or the scrape (`OPEN_PATHS`, each model's readiness)."""
+    """Whether `path` is one of the probes or the scrape (`OPEN_PATHS`, each model's readiness), with trailing
+    slashes or without: a probe configured with one gets its 307 whatever the load."""
+    path = path.rstrip("/")
     return path in OPEN_PATHS or (path.endswith("/ready") and _MODEL_READY.fullmatch(path) is not None)
 
 

@@ -399,6 +399,28 @@ CASES = [
         ("body", "files", 0),
         {"data": {"files": MARKER}, "files": [("other", ("a.png", b"x", "image/png"))]},
     ),
+    *(
+        Case(
+            f"two-content-dispositions-{order}",
+            "POST",
+            "/encode",
+            400,
+            "multipart part 0 has 2 Content-Disposition headers; send one",
+            request={
+                "content": b"--x\r\n"
+                + b"".join(
+                    b'Content-Disposition: form-data; name="%s"; filename="a.png"\r\n' % name
+                    for name in names
+                )
+                + b"\r\n"
+                + digit_png(0)
+                + b"\r\n--x--\r\n",
+                "headers": {"content-type": "multipart/form-data; boundary=x"},
+            },
+        )
+        # Whichever comes first: a parser that keeps the last one served the image named "other" first.
+        for order, names in (("other-first", (b"other", b"files")), ("files-first", (b"files", b"other")))
+    ),
     Case(
         "part-of-another-name",
         "POST",

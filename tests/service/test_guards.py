@@ -190,6 +190,10 @@ def test_requests_past_the_in_flight_limit_get_503_at_once(settings: Settings) -
                     assert "its limit (VAE_MAX_IN_FLIGHT)" in response.json()["detail"]
                 for probe in ("/ready", "/health", "/v2/health/ready", "/v2/models/decoder/ready"):
                     assert (await client.get(probe)).status_code == 200, probe
+                    # A probe configured with a trailing slash is sent to the path without, busy or not.
+                    slashed = await client.get(probe + "/")
+                    assert (slashed.status_code, slashed.headers.get("location")) == (307, probe), probe
+                assert (await client.get("/metrics/")).status_code == 307
                 release.set()
                 for response in await asyncio.gather(*held):
                     assert response.status_code == 200, response.text

@@ -57,8 +57,6 @@ DATATYPES = {"float32": "FP32"}
 _VALUE_BOUND = 1e6
 # Commas of a request's JSON that are not between values: its keys, parameters and outputs.
 _STRUCTURE_COMMAS = 256
-# The deepest nesting of `data` read: numpy's limit on an array's dimensions (NPY_MAXDIMS).
-_MAX_DEPTH = 64
 # Input names a 422 for the wrong inputs lists; the rest are counted.
 _NAMES_LISTED = 4
 # Longest shape or size from the request shown in an error; longer ones are cut.
@@ -453,7 +451,7 @@ def _parse(header: BodyBytes, *, framed: bool) -> InferenceRequest:
     if problem is not None:
         raise _invalid(problem)
     try:
-        return InferenceRequest.model_validate_json(header)
+        request = InferenceRequest.model_validate_json(header)
     except ValidationError as error:
         details = error.errors(include_url=False, include_input=False, include_context=False)
         problems = "; ".join(f"{'.'.join(map(str, d['loc'])) or 'body'}: {d['msg']}" for d in details)
@@ -463,6 +461,26 @@ def _parse(header: BodyBytes, *, framed: bool) -> InferenceRequest:
             elif b"binary_data_size" in header:
                 problems += f"; a body with binary tensor data gives the size of its JSON in {HEADER_LENGTH}"
         raise _invalid(problems) from None
+    # The free-form parameters' names are known once parsed: one given twice lost a value in the parse.
+    problem = repeated_key(header, _parameter_names(request))
+    if problem is not None:
+        raise _invalid(problem)
+    return request
+
+
+def _parameter_names(request: InferenceRequest) -> set[bytes]:
+    """The names in the request's `parameters` objects and in their values, quoted as in the JSON."""
+    names: set[bytes] = set()
+    pending: list[Any] = [request.parameters, *(given.parameters for given in request.inputs)]
+    pending.extend(output.parameters for output in request.outputs or [])
+    while pending:
+        node = pending.pop()
+        if isinstance(node, dict):
+            names.update(json.dumps(name, ensure_ascii=False).encode() for name in node)
+            pending.extend(node.values())
+        elif isinstance(node, list):
+            pending.extend(node)
+    return names
 
 
 def _invalid(message: str) -> HTTPException:
@@ -546,7 +564,12 @@ def _input_tensor(
             raise _invalid(f"{len(binary)} bytes follow the JSON but {where} has no binary_data_size")
         if given.data is None:
             raise _invalid(f"{where} has neither data nor parameters.binary_data_size")
-        array = _json_numbers(given.data, where, datatype)
+        array = _json_numbers(given.data, where, datatype, shape)
+        if array.ndim > 1 and not _follows(list(array.shape), shape):
+            raise _unrunnable(
+                f"{where}.data is nested as {list(array.shape)}, which does not follow its shape {shape}: "
+                "nest it as the shape, the innermost list holding the rest flat if need be, or send it flat"
+            )
         if array.size != count:
             raise _unrunnable(f"{where}.data has {array.size} values; shape {shape} takes {count}")
     if not np.isfinite(array).all():
@@ -567,11 +590,20 @@ def _shown(value: object) -> str:
     return text if len(text) <= _SHOWN_CHARS else text[:_SHOWN_CHARS] + "..."
 
 
-def _json_numbers(data: list[Any], where: str, datatype: str) -> npt.NDArray[np.float64]:
-    """JSON `data` (flat or nested lists) as an array; 422 unless every value is a number (true is not 1).
+def _follows(nesting: list[int], shape: list[int]) -> bool:
+    """Whether data nested as `nesting` is a tensor of `shape` in row-major order: its lists are the shape's
+    dimensions, from the outside in, but the innermost, which may hold the remaining dimensions flat
+    (`[2, 64]` for `[2, 1, 8, 8]`: a batch of flat images). The protocol allows the tensor's own nesting or
+    none; Triton reads any nesting as flat, which would run a transposed batch as other inputs."""
+    *outer, inner = nesting
+    return outer == shape[: len(outer)] and inner == math.prod(shape[len(outer) :])
 
-    Checked level by level before numpy reads it: numpy would read a boolean among numbers as 1 or 0, and
-    calls data nested past its dimension limit ragged.
+
+def _json_numbers(data: list[Any], where: str, datatype: str, shape: list[int]) -> npt.NDArray[np.float64]:
+    """JSON `data` (flat or nested lists, at most as deep as `shape`) as an array; 422 unless every value is a
+    number (true is not 1).
+
+    Checked level by level before numpy reads it: numpy would read a boolean among numbers as 1 or 0.
     """
     depth, level = 1, data
     while True:
@@ -589,8 +621,10 @@ def _json_numbers(data: list[Any], where: str, datatype: str) -> npt.NDArray[np.
         if not nested:
             break
         depth, level = depth + 1, deeper
-    if depth > _MAX_DEPTH:
-        raise _unrunnable(f"{where}.data is nested {depth} lists deep; at most {_MAX_DEPTH} levels are read")
+    if depth > len(shape):
+        raise _unrunnable(
+            f"{where}.data is nested {depth} lists deep; shape {shape} has {len(shape)} dimensions"
+        )
     try:
         return np.asarray(data, dtype=np.float64)
     except ValueError:

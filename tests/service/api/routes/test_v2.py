@@ -340,6 +340,24 @@ def test_a_key_given_twice_is_refused_not_half_read(client: TestClient) -> None:
             "/v2/models/decoder/infer", content=body, headers={"content-type": "application/json"}
         )
         assert error(response, 400) == f"the key {key!r} appears twice in one JSON object; send each key once"
+    # Nor is a parameter the protocol leaves free-form, such as tritonclient's timeout, on the request or
+    # an input's, or a key inside a parameter's value.
+    many = orjson.dumps({f"k{i}": i for i in range(40)})
+    response = client.post(
+        "/v2/models/decoder/infer", content=b'{"inputs": [' + z + b'], "parameters": ' + many + b"}"
+    )
+    assert response.status_code == 200, response.text
+    for body, key in {
+        b'{"inputs": [' + z + b'], "parameters": {"timeout": 1, "priority": 0, "timeout": 2}}': "timeout",
+        b'{"inputs": [' + z[:-1] + b', "parameters": {"tag": 1, "tag": 2}}]}': "tag",
+        b'{"inputs": [' + z + b'], "parameters": {"timeout": {"s": 1, "s": 2}}}': "s",
+        # More names than are looked for one by one: the body is parsed for them instead.
+        b'{"inputs": [' + z + b'], "parameters": ' + many[:-1] + b', "k3": 0}}': "k3",
+    }.items():
+        response = client.post(
+            "/v2/models/decoder/infer", content=body, headers={"content-type": "application/json"}
+        )
+        assert error(response, 400) == f"the key {key!r} appears twice in one JSON object; send each key once"
     # The same names in different objects are no repeat: each output names itself, with its parameters.
     outputs = [{"name": name, "parameters": {"binary_data": False}} for name in ("mu", "logvar")]
     request = {"inputs": [{"name": "x", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5] * 64}]}
@@ -354,11 +372,48 @@ def nested_z(depth: int) -> bytes:
     return b'{"inputs":[{"name":"z","shape":[1,16],"datatype":"FP32","data":' + data + b"}]}"
 
 
-def test_data_nested_past_the_limit_is_refused_for_its_depth(client: TestClient) -> None:
+def test_data_nested_deeper_than_its_shape_is_refused_for_its_depth(client: TestClient) -> None:
     headers = {"content-type": "application/json"}
-    assert client.post("/v2/models/decoder/infer", content=nested_z(64), headers=headers).status_code == 200
-    response = client.post("/v2/models/decoder/infer", content=nested_z(65), headers=headers)
-    assert error(response, 422) == "inputs[0].data is nested 65 lists deep; at most 64 levels are read"
+    assert client.post("/v2/models/decoder/infer", content=nested_z(2), headers=headers).status_code == 200
+    for depth in (3, 65):
+        response = client.post("/v2/models/decoder/infer", content=nested_z(depth), headers=headers)
+        assert error(response, 422) == (
+            f"inputs[0].data is nested {depth} lists deep; shape [1, 16] has 2 dimensions"
+        )
+
+
+def test_nested_data_must_follow_the_shape(client: TestClient) -> None:
+    """Nested data is the tensor as its shape nests it; the innermost list may hold the rest flat (a batch of
+    flat images). Nested otherwise, its values would be read in an order the client did not mean: a (16, 2)
+    transpose of a (2, 16) batch decoded as two other latents."""
+    z = np.arange(32, dtype=np.float32).reshape(2, 16) / 32
+    x = digit_tensor(range(2))
+    expected = outputs(client.post("/v2/models/decoder/infer", json={"inputs": [tensor("z", z)]}))["x_mean"]
+    mu = outputs(client.post("/v2/models/encoder/infer", json={"inputs": [tensor("x", x)]}))["mu"]
+    for data in (z.tolist(), z.flatten().tolist()):
+        response = client.post(
+            "/v2/models/decoder/infer", json={"inputs": [{**tensor("z", z), "data": data}]}
+        )
+        np.testing.assert_array_equal(outputs(response)["x_mean"], expected)
+    for data in (x.reshape(2, 64).tolist(), x.reshape(2, 1, 64).tolist(), x.tolist()):
+        response = client.post(
+            "/v2/models/encoder/infer", json={"inputs": [{**tensor("x", x), "data": data}]}
+        )
+        np.testing.assert_array_equal(outputs(response)["mu"], mu)
+    for name, array, nesting in (
+        ("z", z.T, "[16, 2]"),
+        ("z", z.reshape(4, 8), "[4, 8]"),
+        ("x", x.reshape(2, 8, 8), "[2, 8, 8]"),
+        ("x", x.reshape(1, 128), "[1, 128]"),
+    ):
+        model = "decoder" if name == "z" else "encoder"
+        request = {**tensor(name, z if name == "z" else x), "data": array.tolist()}
+        response = client.post(f"/v2/models/{model}/infer", json={"inputs": [request]})
+        shape = "[2, 16]" if name == "z" else "[2, 1, 8, 8]"
+        assert error(response, 422) == (
+            f"inputs[0].data is nested as {nesting}, which does not follow its shape {shape}: nest it as the "
+            "shape, the innermost list holding the rest flat if need be, or send it flat"
+        )
 
 
 def test_a_body_that_is_not_json_is_a_400(client: TestClient) -> None:
