@@ -165,6 +165,10 @@ def _load_idx(root: Path) -> Dataset:
         )
     if test is not None and test.images.shape[1:] != train.images.shape[1:]:
         raise DataError(f"{test_path}: image shape {test.images.shape[1:]} differs from the training images")
+    names = (_IDX_TRAIN_IMAGES, _IDX_TEST_IMAGES, _IDX_TRAIN_LABELS, _IDX_TEST_LABELS)
+    unread = sorted(p for p in root.iterdir() if p.name.removesuffix(".gz") not in names)
+    what = f"entries not named as IDX files are ({', '.join(names)}, each may end in .gz)"
+    _warn_skipped(root, what, unread)
     parts = [train.images] if test is None else [train.images, test.images]
     return Dataset("idx", str(root), train.images, train.labels, _digest(parts), test=test)
 
@@ -267,6 +271,9 @@ def split_dataset(
     n_val = round(n * val_fraction)
     if n - n_test - n_val < 1 or n_val < 1 or (dataset.test is None and n_test < 1):
         raise DataError(f"{dataset.source}: {n} images are too few to split (val {n_val}, test {n_test})")
+    tested = len(dataset.test.images) if dataset.test is not None else n_test
+    if tested < 2:  # evaluate's active units are a variance over the test images
+        raise DataError(f"{dataset.source}: the test split would hold 1 image; it needs at least 2")
 
     def take(idx: npt.NDArray[np.int64]) -> Split:
         idx = np.sort(idx)

@@ -70,6 +70,8 @@ def iwae_nll(model: VAE, x: Tensor, k: int, generator: torch.Generator, chunk: i
 def active_units(model: VAE, x: Tensor, threshold: float = 0.01) -> int:
     """Dimensions whose posterior mean varies across the data: Cov_x(E_q[z]) > threshold."""
     mu = model.posterior(x).mu
+    if len(mu) < 2:
+        raise ValueError(f"active units are a variance over images: it needs 2 or more, not {len(mu)}")
     return int((mu.var(dim=0, unbiased=True) > threshold).sum())
 
 

@@ -168,7 +168,9 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise ValueError(
             f"{path}: not a checkpoint this package can read (not a torch.save file of weights)"
         ) from error
-    except (OSError, RuntimeError, EOFError) as error:  # truncated, foreign
+    # Truncated, foreign, or bytes its unpickler reads as opcodes it then fails on (KeyError, IndexError):
+    # whatever torch.load raises on a file is that the file is not a checkpoint.
+    except Exception as error:
         reason = str(error).split("\n", 1)[0]
         raise ValueError(
             f"{path}: not a checkpoint this package can read ({type(error).__name__}: {reason})"
@@ -394,10 +396,17 @@ def _train(
             (out / name).unlink(missing_ok=True)
 
     model.train()
-    epochs = tqdm(
-        range(start_epoch, cfg.epochs), desc="train", unit="epoch", disable=not (progress and ctx.is_main)
+    # One bar over every batch of the run, the epoch in its description: the training loss moves as batches
+    # go (a running mean of the epoch so far), validation and best as epochs end.
+    bar = tqdm(
+        total=(cfg.epochs - start_epoch) * steps_per_epoch,
+        desc="train",
+        unit="batch",
+        disable=not (progress and ctx.is_main),
     )
-    for epoch in epochs:
+    shown_val, shown_best = "-", f"{best_val:.2f}"  # f"{inf:.2f}" is "inf"
+    for epoch in range(start_epoch, cfg.epochs):
+        bar.set_description(f"train, epoch {epoch + 1}/{cfg.epochs}", refresh=False)
         started = time.perf_counter()
         sampler.set_epoch(epoch)
         order = torch.tensor(list(sampler), device=ctx.device)
@@ -417,6 +426,9 @@ def _train(
             totals[0] += float(recon.detach().sum())
             totals[1] += float(kl.detach().sum())
             totals[2] += len(batch)
+            running = (totals[0] + totals[1]) / totals[2]
+            bar.set_postfix(train=f"{running:.2f}", val=shown_val, best=shown_best, refresh=False)
+            bar.update()
         recon_sum, kl_sum, seen = ctx.sum(totals)
         if not math.isfinite(recon_sum + kl_sum):
             kept = f"{out / 'last.pt'} holds epoch {epoch}" if epoch > 0 else "no checkpoint was written"
@@ -441,9 +453,8 @@ def _train(
         # Only count as best once the KL weight has reached beta: earlier losses are not comparable.
         improved = val["neg_elbo"] < best_val and epoch + 1 >= cfg.warmup_epochs
         best_val = val["neg_elbo"] if improved else best_val
-        epochs.set_postfix(
-            train=f"{row['train_neg_elbo']:.2f}", val=f"{val['neg_elbo']:.2f}", best=f"{best_val:.2f}"
-        )
+        shown_val, shown_best = f"{val['neg_elbo']:.2f}", f"{best_val:.2f}"
+        bar.set_postfix(train=f"{row['train_neg_elbo']:.2f}", val=shown_val, best=shown_best)
         if ctx.is_main:
             state = {
                 "model": _cpu(served.state_dict()),
@@ -464,6 +475,7 @@ def _train(
                 "ema_updates": int(ema.n_averaged) if ema is not None else None,
             }
             _save({**state, **training_state}, out / "last.pt")
+    bar.close()
     if ctx.is_main:
         # The best checkpoint carries the whole run's history, for the loss-curve plot.
         # No epoch past the warm-up yet (in this run or the one it resumes): the last checkpoint is the best

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from training.data import DataError, load_dataset, read_idx, split_dataset
+from training.data import DataError, Dataset, Split, load_dataset, read_idx, split_dataset
 
 
 def _idx_bytes(array: np.ndarray) -> bytes:
@@ -131,6 +131,24 @@ def test_idx_directory_with_a_file_plain_and_gzipped_reads_the_plain_one_and_say
     )
 
 
+def test_idx_directory_reports_the_files_it_does_not_read(
+    tmp_path: Path, images: np.ndarray, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A test file under another name (Kaggle's MNIST spells it `t10k-images.idx3-ubyte`) is not read, and the
+    test split is then a fifth of the training images: said, with the names read, not left to be noticed."""
+    _write(tmp_path / "train-images-idx3-ubyte", _idx_bytes(np.tile(images, (4, 1, 1))))
+    _write(tmp_path / "t10k-images.idx3-ubyte", _idx_bytes(images[:3]))
+    (tmp_path / "README").write_text("MNIST")
+    with caplog.at_level(logging.WARNING):
+        dataset = load_dataset("idx", tmp_path)
+    assert dataset.test is None
+    assert (
+        f"{tmp_path}: skipped 2 entries not named as IDX files are (train-images-idx3-ubyte, "
+        "t10k-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-labels-idx1-ubyte, each may end in .gz): "
+        "README, t10k-images.idx3-ubyte"
+    ) in caplog.text
+
+
 def test_idx_directory_lists_expected_names(tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"expected train-images-idx3-ubyte or train-images-idx3-ubyte\.gz"):
         load_dataset("idx", tmp_path)
@@ -172,6 +190,16 @@ def test_split_is_seeded_disjoint_and_complete() -> None:
     everything = {row.tobytes() for row in dataset.images}
     assert rows == everything  # nothing lost (digits has a few duplicate images, hence sets)
     assert [len(p.images) for p in a] == [1258, 180, 359]
+
+
+@pytest.mark.parametrize("own_test", [False, True], ids=["split", "idx-test-file"])
+def test_a_test_split_of_one_image_is_refused(own_test: bool) -> None:
+    """Its active units (a variance over the test images) would be undefined, and its metrics one image's."""
+    images = np.zeros((12, 1, 4, 4), dtype=np.float32)
+    test = Split(images[:1], None) if own_test else None
+    dataset = Dataset("idx", "data", images[:11] if own_test else images[:5], None, "0", test=test)
+    with pytest.raises(DataError, match=r"data: the test split would hold 1 image; it needs at least 2"):
+        split_dataset(dataset, seed=0, val_fraction=0.2, test_fraction=0.2)
 
 
 def test_folder_reads_modes_resizes_and_labels_by_directory(

@@ -64,6 +64,10 @@ def test_active_units_count_the_dimensions_whose_posterior_mean_varies_over_the_
     logvar = torch.tensor([[-1.0, -1.0, 0.0], [1.0, 1.0, 0.0]])  # variances 2, 2, 0
     model = SimpleNamespace(posterior=lambda x: DiagonalGaussian(mu, logvar))
     assert active_units(model, torch.zeros((2, 1, 8, 8))) == 1  # type: ignore[arg-type]
+    # Over one image no variance is defined (NaN, which was counted as 0 active units): refused, named.
+    one = SimpleNamespace(posterior=lambda x: DiagonalGaussian(mu[:1], logvar[:1]))
+    with pytest.raises(ValueError, match="a variance over images: it needs 2 or more, not 1"):
+        active_units(one, torch.zeros((1, 1, 8, 8)))  # type: ignore[arg-type]
 
 
 def test_the_one_sample_figures_do_not_depend_on_the_importance_samples() -> None:

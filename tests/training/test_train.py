@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import training.train as train_module
 from training.__main__ import main
 from training.model import VAE, VAEConfig
-from training.train import Splits, load_checkpoint, load_splits, objective
+from training.train import Splits, TrainConfig, load_checkpoint, load_splits, objective
 
 
 def test_objective_is_mean_recon_plus_beta_kl() -> None:
@@ -388,7 +391,12 @@ def test_unreadable_checkpoints_and_outputs_are_named(
     text.write_text("not a checkpoint")
     foreign = tmp_path / "foreign.pt"
     torch.save({"a": 1}, foreign)
-    for path in (truncated, text, foreign):
+    # Text torch's unpickler reads as opcodes it then fails on with a KeyError or an IndexError.
+    opcodes = []
+    for i, content in enumerate(("hello world\n", "hi", "(")):
+        opcodes.append(tmp_path / f"opcodes-{i}.pt")
+        opcodes[-1].write_text(content)
+    for path in (truncated, text, foreign, *opcodes):
         assert main(["evaluate", "--checkpoint", str(path)]) == 2
         err = capsys.readouterr().err
         assert f"error: {path}: not a checkpoint" in err and "Traceback" not in err
@@ -554,3 +562,20 @@ def test_resume_refuses_a_changed_setting_before_reading_the_data(
     assert main(argv) == 2
     assert "image_size 12 (the run's: 8)" in capsys.readouterr().err
     assert calls == []
+
+
+def test_the_progress_bar_shows_the_loss_as_batches_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One bar over every batch of the run, its training loss a running mean of the epoch so far: on a large
+    dataset an epoch is minutes, and a loss shown only at its end stands still for as long."""
+    # Drawn at every update, not every 0.1 s: what the frames show does not depend on the machine's speed.
+    monkeypatch.setattr(train_module, "tqdm", functools.partial(tqdm, mininterval=0, miniters=1))
+    argv = ["train", "--out", str(tmp_path / "run"), "--epochs", "2", "--hidden", "8", "--latent-dim", "2"]
+    assert main([*argv, "--warmup-epochs", "1", "--batch-size", "256"]) == 0
+    steps = math.ceil(len(load_splits(TrainConfig()).train.images) / 256)
+    frames = re.split(r"[\r\n]", capsys.readouterr().err)
+    during_first = [f for f in frames if re.search(rf"\| 1/{2 * steps} ", f)]
+    assert during_first and all("epoch 1/2" in f and re.search(r"train=\d+\.\d\d", f) for f in during_first)
+    last = next(f for f in reversed(frames) if f"{2 * steps}/{2 * steps}" in f)
+    assert "epoch 2/2" in last and re.search(r"val=\d+\.\d\d", last) and "best=" in last, last
