@@ -166,8 +166,9 @@ def _load_idx(root: Path) -> Dataset:
     if test is not None and test.images.shape[1:] != train.images.shape[1:]:
         raise DataError(f"{test_path}: image shape {test.images.shape[1:]} differs from the training images")
     names = (_IDX_TRAIN_IMAGES, _IDX_TEST_IMAGES, _IDX_TRAIN_LABELS, _IDX_TEST_LABELS)
-    unread = sorted(p for p in root.iterdir() if p.name.removesuffix(".gz") not in names)
-    what = f"entries not named as IDX files are ({', '.join(names)}, each may end in .gz)"
+    # A directory of such a name is not read either (an unpacked archive: `t10k-images-idx3-ubyte/`).
+    unread = sorted(p for p in root.iterdir() if not (p.is_file() and p.name.removesuffix(".gz") in names))
+    what = f"entries that are not files of the IDX names ({', '.join(names)}, each may end in .gz)"
     _warn_skipped(root, what, unread)
     parts = [train.images] if test is None else [train.images, test.images]
     return Dataset("idx", str(root), train.images, train.labels, _digest(parts), test=test)

@@ -84,14 +84,16 @@ def evaluate(model: VAE, images: Tensor, *, k: int = 1000, seed: int = 0, batch_
     one_sample = torch.Generator().manual_seed(seed)
     importance = torch.Generator().manual_seed((seed ^ _IMPORTANCE_STREAM) & 0xFFFFFFFF)
     recon_sum, kl_sum, iwae_sum = 0.0, 0.0, 0.0
-    for start in range(0, len(images), batch_size):
-        x = images[start : start + batch_size]
-        recon, kl = model(x, one_sample)
-        recon_sum += float(recon.sum())
-        kl_sum += float(kl.sum())
-        iwae_sum += float(iwae_nll(model, x, k, importance).sum())
-    units = active_units(model, images)
-    model.train(was_training)
+    try:
+        for start in range(0, len(images), batch_size):
+            x = images[start : start + batch_size]
+            recon, kl = model(x, one_sample)
+            recon_sum += float(recon.sum())
+            kl_sum += float(kl.sum())
+            iwae_sum += float(iwae_nll(model, x, k, importance).sum())
+        units = active_units(model, images)
+    finally:
+        model.train(was_training)
     n = len(images)
     return Metrics(
         neg_elbo=(recon_sum + kl_sum) / n,

@@ -397,7 +397,8 @@ def _train(
 
     model.train()
     # One bar over every batch of the run, the epoch in its description: the training loss moves as batches
-    # go (a running mean of the epoch so far), validation and best as epochs end.
+    # go (a running mean of the epoch so far; under torchrun, of rank 0's share until the epoch ends),
+    # validation and best as epochs end.
     bar = tqdm(
         total=(cfg.epochs - start_epoch) * steps_per_epoch,
         desc="train",

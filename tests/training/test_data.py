@@ -139,13 +139,14 @@ def test_idx_directory_reports_the_files_it_does_not_read(
     _write(tmp_path / "train-images-idx3-ubyte", _idx_bytes(np.tile(images, (4, 1, 1))))
     _write(tmp_path / "t10k-images.idx3-ubyte", _idx_bytes(images[:3]))
     (tmp_path / "README").write_text("MNIST")
+    (tmp_path / "t10k-labels-idx1-ubyte").mkdir()  # Kaggle's archive also unpacks into directories
     with caplog.at_level(logging.WARNING):
         dataset = load_dataset("idx", tmp_path)
     assert dataset.test is None
     assert (
-        f"{tmp_path}: skipped 2 entries not named as IDX files are (train-images-idx3-ubyte, "
+        f"{tmp_path}: skipped 3 entries that are not files of the IDX names (train-images-idx3-ubyte, "
         "t10k-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-labels-idx1-ubyte, each may end in .gz): "
-        "README, t10k-images.idx3-ubyte"
+        "README, t10k-images.idx3-ubyte, t10k-labels-idx1-ubyte"
     ) in caplog.text
 
 

@@ -70,6 +70,14 @@ def test_active_units_count_the_dimensions_whose_posterior_mean_varies_over_the_
         active_units(one, torch.zeros((1, 1, 8, 8)))  # type: ignore[arg-type]
 
 
+def test_evaluate_puts_the_model_back_in_its_mode_when_it_fails() -> None:
+    model = VAE(VAEConfig(hidden=[8], latent_dim=3))
+    model.train()
+    with pytest.raises(ValueError, match="a variance over images"):
+        evaluate(model, torch.rand((1, 1, 8, 8)), k=2)
+    assert model.training
+
+
 def test_the_one_sample_figures_do_not_depend_on_the_importance_samples() -> None:
     """The card's one-sample negative ELBO is what `evaluate --iwae-samples 1` reports for the same model
     and seed, over several batches (the draws of one estimate do not shift the other's)."""

@@ -29,6 +29,7 @@ from pydantic.config import JsonValue
 
 from service.api.bodies import (
     BodyBytes,
+    first_repeated_key,
     json_keys,
     more_values_than,
     quoted,
@@ -461,10 +462,13 @@ def _parse(header: BodyBytes, *, framed: bool) -> InferenceRequest:
             elif b"binary_data_size" in header:
                 problems += f"; a body with binary tensor data gives the size of its JSON in {HEADER_LENGTH}"
         raise _invalid(problems) from None
-    # The free-form parameters' names are known once parsed: one given twice lost a value in the parse.
-    problem = repeated_key(header, _parameter_names(request))
-    if problem is not None:
-        raise _invalid(problem)
+    # Names of the free-form parameters are known only once parsed, and one given twice lost a value in the
+    # parse: parsed again for them (once: a scan of the body per name, on the event loop, would cost as
+    # many times as a client sends names).
+    if not _parameter_names(request) <= set(_KEYS):
+        problem = first_repeated_key(header)
+        if problem is not None:
+            raise _invalid(problem)
     return request
 
 
@@ -565,13 +569,13 @@ def _input_tensor(
         if given.data is None:
             raise _invalid(f"{where} has neither data nor parameters.binary_data_size")
         array = _json_numbers(given.data, where, datatype, shape)
+        if array.size != count:
+            raise _unrunnable(f"{where}.data has {array.size} values; shape {shape} takes {count}")
         if array.ndim > 1 and not _follows(list(array.shape), shape):
             raise _unrunnable(
                 f"{where}.data is nested as {list(array.shape)}, which does not follow its shape {shape}: "
                 "nest it as the shape, the innermost list holding the rest flat if need be, or send it flat"
             )
-        if array.size != count:
-            raise _unrunnable(f"{where}.data has {array.size} values; shape {shape} takes {count}")
     if not np.isfinite(array).all():
         raise _unrunnable(f"{_values(where, binary=bool(binary))} holds NaN or infinite values")
     if np.abs(array).max() > _VALUE_BOUND:
@@ -593,10 +597,12 @@ def _shown(value: object) -> str:
 def _follows(nesting: list[int], shape: list[int]) -> bool:
     """Whether data nested as `nesting` is a tensor of `shape` in row-major order: its lists are the shape's
     dimensions, from the outside in, but the innermost, which may hold the remaining dimensions flat
-    (`[2, 64]` for `[2, 1, 8, 8]`: a batch of flat images). The protocol allows the tensor's own nesting or
-    none; Triton reads any nesting as flat, which would run a transposed batch as other inputs."""
-    *outer, inner = nesting
-    return outer == shape[: len(outer)] and inner == math.prod(shape[len(outer) :])
+    (`[2, 64]` for `[2, 1, 8, 8]`: a batch of flat images), dimensions of 1 aside on either side (`[8, 8]`
+    for `[1, 1, 8, 8]`): those change no value's place. The protocol allows the tensor's own nesting or none;
+    Triton reads any nesting as flat, which would run a transposed batch as other inputs."""
+    *outer, inner = [size for size in nesting if size != 1] or [1]
+    dims = [size for size in shape if size != 1]
+    return outer == dims[: len(outer)] and inner == math.prod(dims[len(outer) :])
 
 
 def _json_numbers(data: list[Any], where: str, datatype: str, shape: list[int]) -> npt.NDArray[np.float64]:

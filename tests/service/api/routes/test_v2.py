@@ -351,7 +351,7 @@ def test_a_key_given_twice_is_refused_not_half_read(client: TestClient) -> None:
         b'{"inputs": [' + z + b'], "parameters": {"timeout": 1, "priority": 0, "timeout": 2}}': "timeout",
         b'{"inputs": [' + z[:-1] + b', "parameters": {"tag": 1, "tag": 2}}]}': "tag",
         b'{"inputs": [' + z + b'], "parameters": {"timeout": {"s": 1, "s": 2}}}': "s",
-        # More names than are looked for one by one: the body is parsed for them instead.
+        # One name among many.
         b'{"inputs": [' + z + b'], "parameters": ' + many[:-1] + b', "k3": 0}}': "k3",
     }.items():
         response = client.post(
@@ -384,8 +384,9 @@ def test_data_nested_deeper_than_its_shape_is_refused_for_its_depth(client: Test
 
 def test_nested_data_must_follow_the_shape(client: TestClient) -> None:
     """Nested data is the tensor as its shape nests it; the innermost list may hold the rest flat (a batch of
-    flat images). Nested otherwise, its values would be read in an order the client did not mean: a (16, 2)
-    transpose of a (2, 16) batch decoded as two other latents."""
+    flat images), and dimensions of 1 may be left out or added (they move no value). Nested otherwise, its
+    values would be read in an order the client did not mean: a (16, 2) transpose of a (2, 16) batch decoded
+    as two other latents."""
     z = np.arange(32, dtype=np.float32).reshape(2, 16) / 32
     x = digit_tensor(range(2))
     expected = outputs(client.post("/v2/models/decoder/infer", json={"inputs": [tensor("z", z)]}))["x_mean"]
@@ -395,16 +396,20 @@ def test_nested_data_must_follow_the_shape(client: TestClient) -> None:
             "/v2/models/decoder/infer", json={"inputs": [{**tensor("z", z), "data": data}]}
         )
         np.testing.assert_array_equal(outputs(response)["x_mean"], expected)
-    for data in (x.reshape(2, 64).tolist(), x.reshape(2, 1, 64).tolist(), x.tolist()):
+    for nesting in ((2, 64), (2, 1, 64), (2, 8, 8), (1, 128), (2, 1, 8, 8)):
+        data = x.reshape(nesting).tolist()
         response = client.post(
             "/v2/models/encoder/infer", json={"inputs": [{**tensor("x", x), "data": data}]}
         )
         np.testing.assert_array_equal(outputs(response)["mu"], mu)
+    one = {**tensor("x", x[:1]), "data": x[0, 0].tolist()}  # an 8x8 list for [1, 1, 8, 8]
+    got = outputs(client.post("/v2/models/encoder/infer", json={"inputs": [one]}))["mu"]
+    np.testing.assert_array_equal(got, mu[:1])
     for name, array, nesting in (
         ("z", z.T, "[16, 2]"),
         ("z", z.reshape(4, 8), "[4, 8]"),
-        ("x", x.reshape(2, 8, 8), "[2, 8, 8]"),
-        ("x", x.reshape(1, 128), "[1, 128]"),
+        ("x", x.reshape(16, 8), "[16, 8]"),
+        ("x", x.reshape(2, 4, 16), "[2, 4, 16]"),
     ):
         model = "decoder" if name == "z" else "encoder"
         request = {**tensor(name, z if name == "z" else x), "data": array.tolist()}
@@ -414,6 +419,9 @@ def test_nested_data_must_follow_the_shape(client: TestClient) -> None:
             f"inputs[0].data is nested as {nesting}, which does not follow its shape {shape}: nest it as the "
             "shape, the innermost list holding the rest flat if need be, or send it flat"
         )
+    # No values at all is what is wrong with [[]], not its nesting.
+    response = client.post("/v2/models/decoder/infer", json={"inputs": [{**Z, "data": [[]]}]})
+    assert error(response, 422) == "inputs[0].data has 0 values; shape [1, 16] takes 16"
 
 
 def test_a_body_that_is_not_json_is_a_400(client: TestClient) -> None:
