@@ -3,8 +3,8 @@
 Settings come from the environment (`VAE_*`) and are checked before anything loads: a bad one ends the
 process with its message and exit status 2. A model that cannot be served ends it with status 3 (uvicorn's
 "startup failed"). On SIGTERM or Ctrl-C, uvicorn stops accepting connections, lets the requests in flight
-finish for at most VAE_DRAIN_TIMEOUT seconds (then cancels them), runs the app's shutdown, and the process
-exits 0.
+finish for at most VAE_DRAIN_TIMEOUT seconds (then cancels them, as a second Ctrl-C does at once), runs the
+app's shutdown, and the process exits 0.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import signal
+import socket
 import sys
 from types import FrameType
 
@@ -20,6 +21,17 @@ __all__ = ["main"]
 # uvicorn's exit status for an app that failed to start.
 STARTUP_FAILED = 3
 BAD_SETTINGS = 2
+
+
+# The stop signals that arrived while the modules were being imported.
+_arrived: list[int] = []
+
+
+def _note(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM or Ctrl-C during the imports: noted, and acted on once they are done. Raised in the middle of
+    one, SystemExit came out of onnxruntime's native module as `ImportError: initialization failed`, with a
+    traceback and exit status 1."""
+    _arrived.append(signum)
 
 
 def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
@@ -35,12 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     # these, so that a graceful stop exits 0 too. (Python's own SIGINT handler printed a KeyboardInterrupt
     # traceback for a Ctrl-C in those first tenths of a second, and the process died by the signal.)
     for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, _exit_cleanly)
+        signal.signal(stop, _note)
     import uvicorn
     from pydantic import ValidationError
 
     from service.api.middleware import STOPPING
     from service.config import get_settings, misspelt_settings
+
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, _exit_cleanly)
+    if _arrived:
+        return 0
 
     class Server(uvicorn.Server):
         """uvicorn's server, which tells the app when it begins to stop (see `STOPPING`)."""
@@ -48,6 +65,16 @@ def main(argv: list[str] | None = None) -> int:
         def handle_exit(self, sig: int, frame: FrameType | None) -> None:
             STOPPING.set()
             super().handle_exit(sig, frame)
+
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            await super().shutdown(sockets)
+            if self.force_exit:
+                # Ctrl-C again during the drain: uvicorn stops waiting for the requests in flight and skips
+                # the app's shutdown, which then died with them at the exit, in an ERROR record. The requests
+                # are cancelled (their clients get a 503), and the shutdown still runs.
+                for task in self.server_state.tasks:
+                    task.cancel()
+                await self.lifespan.shutdown()
 
     parser = argparse.ArgumentParser(prog="python -m service", description="Serve the VAE service.")
     parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default 127.0.0.1)")
