@@ -68,10 +68,12 @@ def main(argv: list[str] | None = None) -> int:
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
             await super().shutdown(sockets)
-            if self.force_exit:
-                # Ctrl-C again during the drain: uvicorn stops waiting for the requests in flight and skips
-                # the app's shutdown, which then died with them at the exit, in an ERROR record. The requests
-                # are cancelled (their clients get a 503), and the shutdown still runs.
+            # Ctrl-C again during the drain: uvicorn stops waiting for the requests in flight and skips the
+            # app's shutdown, which then died with them at the exit, in an ERROR record. The requests are
+            # cancelled (their clients get a 503), and the shutdown still runs, unless uvicorn ran it (the
+            # Ctrl-C came during it). It waits for a model run in progress, 5 s at most for each graph.
+            shut_down = getattr(self.lifespan, "shutdown_event", None)
+            if self.force_exit and shut_down is not None and not shut_down.is_set():
                 for task in self.server_state.tasks:
                     task.cancel()
                 await self.lifespan.shutdown()

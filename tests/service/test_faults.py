@@ -234,8 +234,10 @@ finally:
 def test_a_stop_while_starting_exits_0(model_dir: Path, stop: str, module: str) -> None:
     """An orchestrator that stops a process it has just started, or a Ctrl-C, sees it exit 0, not killed by
     the signal (nor a KeyboardInterrupt traceback): the handlers are in place before the imports that take
-    the first few tenths of a second. They only note the signal until the imports are done: one raised in
-    the middle of onnxruntime's native module setting itself up came out as an ImportError, and exit 1."""
+    the first few tenths of a second. They only note the signal until the imports are done, which this
+    checks: SystemExit raised in the middle of onnxruntime's native module setting itself up came out as
+    `ImportError: initialization failed` and exit 1. When a signal lands there is a matter of timing, so
+    that symptom is not reproduced here (3 of 60 starts stopped 0.29 s in did so, before the change)."""
     result = subprocess.run(
         [sys.executable, "-c", _SIGNAL_WHILE_IMPORTING.format(signal=stop, module=module)],
         env=service_env(model_dir),
@@ -272,6 +274,42 @@ def test_a_second_ctrl_c_cuts_the_drain_short_but_not_the_shutdown(model_dir: Pa
         output = stop(process)
     assert "Application shutdown complete." in output, output
     assert "Traceback" not in output and '"level":"ERROR"' not in output, output
+
+
+# `python -m service` whose app shutdown takes 2 s (the model's close waits before closing).
+_SLOW_SHUTDOWN = """
+import sys, time
+import service.runtime
+close = service.runtime.Model.close
+def slow_close(self, *args, **kwargs):
+    time.sleep(2)
+    close(self, *args, **kwargs)
+service.runtime.Model.close = slow_close
+from service.__main__ import main
+sys.exit(main(["--port", "{port}"]))
+"""
+
+
+@pytest.mark.slow
+def test_a_ctrl_c_during_the_apps_shutdown_does_not_run_it_twice(model_dir: Path, free_port: int) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_SHUTDOWN.format(port=free_port)],
+        env=service_env(model_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        with httpx2.Client(base_url=f"http://127.0.0.1:{free_port}", timeout=5.0) as http:
+            wait_ready(process, http)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # no request in flight: the app's shutdown has begun
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=SIGNAL_S) == 0
+    finally:
+        output = stop(process)
+    assert output.count("Waiting for application shutdown.") == 1, output
+    assert output.count("Application shutdown complete.") == 1, output
 
 
 @pytest.mark.slow

@@ -597,9 +597,10 @@ def _shown(value: object) -> str:
 def _follows(nesting: list[int], shape: list[int]) -> bool:
     """Whether data nested as `nesting` is a tensor of `shape` in row-major order: its lists are the shape's
     dimensions, from the outside in, but the innermost, which may hold the remaining dimensions flat
-    (`[2, 64]` for `[2, 1, 8, 8]`: a batch of flat images), dimensions of 1 aside on either side (`[8, 8]`
-    for `[1, 1, 8, 8]`): those change no value's place. The protocol allows the tensor's own nesting or none;
-    Triton reads any nesting as flat, which would run a transposed batch as other inputs."""
+    (`[2, 64]` for `[2, 1, 8, 8]`: a batch of flat images), dimensions of 1 aside (`[8, 8]` for
+    `[1, 1, 8, 8]`; `_json_numbers` has refused data nested deeper than the shape): those move no value.
+    The protocol allows the tensor's own nesting or none; Triton reads any nesting as flat, which would run
+    a transposed batch as other inputs."""
     *outer, inner = [size for size in nesting if size != 1] or [1]
     dims = [size for size in shape if size != 1]
     return outer == dims[: len(outer)] and inner == math.prod(dims[len(outer) :])

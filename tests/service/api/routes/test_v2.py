@@ -384,9 +384,9 @@ def test_data_nested_deeper_than_its_shape_is_refused_for_its_depth(client: Test
 
 def test_nested_data_must_follow_the_shape(client: TestClient) -> None:
     """Nested data is the tensor as its shape nests it; the innermost list may hold the rest flat (a batch of
-    flat images), and dimensions of 1 may be left out or added (they move no value). Nested otherwise, its
-    values would be read in an order the client did not mean: a (16, 2) transpose of a (2, 16) batch decoded
-    as two other latents."""
+    flat images), and dimensions of 1 may be left out, or added within the shape's depth (they move no
+    value). Nested otherwise, its values would be read in an order the client did not mean: a (16, 2)
+    transpose of a (2, 16) batch decoded as two other latents."""
     z = np.arange(32, dtype=np.float32).reshape(2, 16) / 32
     x = digit_tensor(range(2))
     expected = outputs(client.post("/v2/models/decoder/infer", json={"inputs": [tensor("z", z)]}))["x_mean"]
