@@ -299,13 +299,36 @@ def test_a_busy_replica_passes_gets_on_and_hands_posts_back(replicas: list[str],
     assert all(reply.headers["Retry-After"] == "1" for reply in posts if reply.status == 503)
 
 
+def test_replicas_all_busy_are_a_503_with_retry_after_not_a_502(tmp_path: Path) -> None:
+    """Every replica at its VAE_MAX_IN_FLIGHT: each refusal leaves that replica out for 1 s, and nginx then
+    finds none left ("no live upstreams"). That was a 502 saying no replica could be reached, without
+    Retry-After: under load clients read it as an outage and retried at once, harder."""
+    servers = [http.server.HTTPServer(("127.0.0.1", 0), _Busy) for _ in range(2)]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        addresses = [f"127.0.0.1:{server.server_address[1]}" for server in servers]
+        with balancer(addresses, tmp_path / "nginx") as port:
+            replies = [request(port, "GET", "/sample?n=1") for _ in range(3)]
+            replies += [request(port, "POST", "/decode", b"{}", content_type="application/json")]
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
+    assert [(reply.status, reply.headers["Retry-After"]) for reply in replies] == [(503, "1")] * 4
+    # The first went to both replicas and has the last one's answer; the rest were the balancer's own.
+    assert ", " in replies[0].upstream
+    assert "busy" in json.loads(replies[1].body)["detail"]
+
+
 def test_errors_of_the_balancer_itself_are_json(tmp_path: Path) -> None:
     with balancer([f"127.0.0.1:{free_port()}"], tmp_path / "nginx") as port:
         none_up = request(port, "GET", "/ready", X_Request_ID="client-7")
         # Content-Length beyond client_max_body_size: refused from the header, the body is never read.
         too_large = request(port, "POST", "/encode", b"", content_length=str(16 * 1024 * 1024 + 1))
         forged = request(port, "GET", "/ready", X_Request_ID="two words")
-    assert none_up.status == 502 and "replica" in json.loads(none_up.body)["detail"]
+    assert none_up.status == 503 and "replica" in json.loads(none_up.body)["detail"]
+    assert none_up.headers["Retry-After"] == "1"
     assert too_large.status == 413 and "client_max_body_size" in json.loads(too_large.body)["detail"]
     # The request id, as the service answers it: the client's, or one of the balancer's own where the
     # client sent none or one the service would not take.
