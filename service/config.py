@@ -110,7 +110,8 @@ class Settings(BaseSettings):
     # Origins that browsers may call the API from (comma-separated; `*` for any). Empty: no CORS headers.
     cors_origins: Annotated[list[str], NoDecode] = []
     # Seconds `python -m service` gives requests in flight to finish after SIGTERM before it cancels them;
-    # below the orchestrator's grace period (compose: 30 s), so that shutdown completes before SIGKILL.
+    # with the model runs the shutdown then waits for (runtime.SHUTDOWN_WAIT_S), below the orchestrator's
+    # grace period (compose: 35 s), so that shutdown completes before SIGKILL.
     drain_timeout: int = Field(default=20, ge=1)
     # Seconds an idle keep-alive connection stays open (uvicorn's default is 5, the least taken: Compose's
     # nginx closes its own after 4). Above the idle timeout of the proxy in front (ingress-nginx and AWS's

@@ -39,6 +39,7 @@ __all__ = [
     "Model",
     "ModelError",
     "RunObserver",
+    "SHUTDOWN_WAIT_S",
     "execution_providers",
     "load_model",
     "session_options",
@@ -54,6 +55,10 @@ Floats = npt.NDArray[np.float32]
 Graph = Literal["encoder", "decoder"]
 # Told about every run: the graph, its batch size (rows) and the seconds ONNX Runtime took (for the metrics).
 RunObserver = Callable[[Graph, int, float], None]
+# Seconds the shutdown waits at most for each graph's runs still queued or in progress (`Model.close`).
+CLOSE_WAIT_S = 5.0
+# The most the app's shutdown waits in all: an orchestrator's grace period covers it after the drain.
+SHUTDOWN_WAIT_S = 2 * CLOSE_WAIT_S
 
 # The fixed ONNX interface (training/export.py writes it; the card repeats it): input and output names.
 _INTERFACE: dict[Graph, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -343,7 +348,7 @@ class Model:
         than `stall_timeout`) is not waited for."""
         for batcher in self._batchers.values():
             hung = stall_timeout is not None and batcher.stalled(stall_timeout) is not None
-            batcher.close(timeout=0.0 if hung else 5.0)
+            batcher.close(timeout=0.0 if hung else CLOSE_WAIT_S)
 
     def _encoder_input(self, images: Floats) -> Floats:
         low, high = self.card.input.pixel_range

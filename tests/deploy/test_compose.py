@@ -14,6 +14,7 @@ from check_jsonschema.builtin_schemas import get_builtin_schema
 from jsonschema import Draft202012Validator
 
 from service.config import Settings
+from service.runtime import SHUTDOWN_WAIT_S
 from tests.conftest import REPO
 from tests.deploy.compose import interpolate, load, merge, plain
 from tests.deploy.dockerfile import Stage, parse
@@ -143,10 +144,11 @@ def test_api_is_read_only_restarts_and_stops_gracefully(gpu: dict[str, Any], run
     assert api["read_only"] is True and "/tmp" in api["tmpfs"]
     assert api["restart"] == "unless-stopped"
     assert api["stop_signal"] == runtime.one("STOPSIGNAL").value
-    # The service drains requests in flight for VAE_DRAIN_TIMEOUT seconds before Docker's SIGKILL.
+    # The service drains requests in flight for VAE_DRAIN_TIMEOUT seconds, then its shutdown waits for the
+    # model runs in progress (at most SHUTDOWN_WAIT_S), before Docker's SIGKILL.
     drain_timeout = Settings.model_fields["drain_timeout"].default
     assert "VAE_DRAIN_TIMEOUT" not in api["environment"]
-    assert seconds(api["stop_grace_period"]) > drain_timeout
+    assert seconds(api["stop_grace_period"]) > drain_timeout + SHUTDOWN_WAIT_S
 
 
 def test_balancer_publishes_the_port_and_proxies_to_every_api_replica(

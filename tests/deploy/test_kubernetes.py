@@ -16,6 +16,7 @@ from ruamel.yaml import YAML
 
 from service.config import Settings
 from service.main import create_app
+from service.runtime import SHUTDOWN_WAIT_S
 from tests.conftest import DEFAULT_MODEL, REPO
 from tests.deploy.compose import load as load_compose
 from tests.deploy.dockerfile import Stage, parse
@@ -175,8 +176,9 @@ def test_grace_period_covers_the_prestop_pause_and_the_drain(
     sleep, seconds = container["lifecycle"]["preStop"]["exec"]["command"]
     assert sleep == "sleep" and int(seconds) > 0
     # The kubelet counts the grace period from the start of preStop, then sends SIGTERM; the service then
-    # drains for up to VAE_DRAIN_TIMEOUT seconds and shuts down. SIGKILL must come after all of it.
-    assert pod["terminationGracePeriodSeconds"] > int(seconds) + settings.drain_timeout
+    # drains for up to VAE_DRAIN_TIMEOUT seconds and shuts down, waiting for the model runs in progress (at
+    # most SHUTDOWN_WAIT_S). SIGKILL must come after all of it.
+    assert pod["terminationGracePeriodSeconds"] > int(seconds) + settings.drain_timeout + SHUTDOWN_WAIT_S
 
 
 def test_runs_as_the_images_user_on_a_read_only_root(
