@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 from compare import serve, trees
 from PIL import Image
-from run import HOST, Server
+from run import HOST, Server, balanced
 
 CLIENTS = 128  # VAE_MAX_IN_FLIGHT's default
 MAX_BODY_BYTES = 16 * 1024 * 1024  # VAE_MAX_BODY_BYTES' default
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="vae-burst-") as tmp, ExitStack() as stack:
         work = Path(tmp)
         sides = trees(args.base, work, stack)
-        order = [side for i in range(args.turns) for side in (sides if i % 2 == 0 else sides[::-1])]
+        order = balanced(sides, args.turns)
         measured: dict[str, list[tuple[Burst, Burst]]] = {name: [] for name, _ in sides}
         for name, tree in order:
             with serve(name, tree, work) as server:

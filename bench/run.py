@@ -32,14 +32,14 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
@@ -47,6 +47,7 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
 HOST = "127.0.0.1"
+T = TypeVar("T")
 CONNECTIONS = (1, 16, 64)
 # The connections at which the targets are read.
 TARGET_CONNECTIONS = 16
@@ -363,16 +364,20 @@ def drive(
     return results
 
 
+def balanced(items: Sequence[T], turns: int) -> list[T]:
+    """`items` `turns` times over in balanced order (A B B A ...), so that drift in the machine's load falls
+    on all of them alike."""
+    return [item for turn in range(turns) for item in (items if turn % 2 == 0 else items[::-1])]
+
+
 def in_turns(
     runs: list[tuple[Server, Case, int]], connections: int, work: Path, turns: int = TURNS
 ) -> list[list[Result]]:
-    """Each (server, case, seconds) run `turns` times, taking turns in balanced order (A B B A ...), so that
-    drift in the machine's load falls on all of them alike: the runs of each, in the order given."""
+    """Each (server, case, seconds) run `turns` times, taking turns in balanced order: the runs of each, in
+    the order given."""
     done: list[list[Result]] = [[] for _ in runs]
-    order = list(enumerate(runs))
-    for turn in range(turns):
-        for i, (server, case, seconds) in order if turn % 2 == 0 else order[::-1]:
-            done[i].append(wrk(server, case, connections, max(1, seconds), work))
+    for i, (server, case, seconds) in balanced(list(enumerate(runs)), turns):
+        done[i].append(wrk(server, case, connections, max(1, seconds), work))
     return done
 
 

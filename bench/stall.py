@@ -26,7 +26,7 @@ import httpx
 import numpy as np
 from compare import serve, trees
 from PIL import Image
-from run import Server
+from run import Server, balanced
 
 SIDE = 4096
 # Seconds between two /health probes: a light load that leaves the large uploads the server.
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         sides = trees(args.base, work, stack)
         servers = [stack.enter_context(serve(name, tree, work)) for name, tree in sides]
-        order = [server for i in range(args.turns) for server in (servers if i % 2 == 0 else servers[::-1])]
+        order = balanced(servers, args.turns)
         measured: dict[str, tuple[list[float], list[float], list[float]]] = {
             server.name: ([], [], []) for server in servers
         }

@@ -55,16 +55,17 @@ Floats = npt.NDArray[np.float32]
 Graph = Literal["encoder", "decoder"]
 # Told about every run: the graph, its batch size (rows) and the seconds ONNX Runtime took (for the metrics).
 RunObserver = Callable[[Graph, int, float], None]
-# Seconds the shutdown waits at most for each graph's runs still queued or in progress (`Model.close`).
-CLOSE_WAIT_S = 5.0
-# The most the app's shutdown waits in all: an orchestrator's grace period covers it after the drain.
-SHUTDOWN_WAIT_S = 2 * CLOSE_WAIT_S
 
 # The fixed ONNX interface (training/export.py writes it; the card repeats it): input and output names.
 _INTERFACE: dict[Graph, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "encoder": (("x",), ("mu", "logvar")),
     "decoder": (("z",), ("x_mean", "logits")),
 }
+# Seconds the shutdown waits at most for each graph's runs still queued or in progress (`Model.close`).
+CLOSE_WAIT_S = 5.0
+# The most the app's shutdown waits in all, one batching thread a graph: an orchestrator's grace period
+# covers it after the drain.
+SHUTDOWN_WAIT_S = len(_INTERFACE) * CLOSE_WAIT_S
 # The CUDA provider's options (ONNX Runtime's defaults otherwise), measured by bench/cuda.py. Full float32
 # in matrix products: TF32 would round their inputs to 10 bits, putting CUDA's answers ~1e-3 from the
 # CPU's (and batched ones as far from single ones). cuDNN picks a convolution algorithm by its heuristics

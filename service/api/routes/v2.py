@@ -159,9 +159,11 @@ class InferenceRequest(_Strict):
 LATENT_EXAMPLES[InferenceRequest.__name__] = _examples
 
 # The names a request can give twice, silently, in one object: the schema's, and the parameters read here.
-_KEYS = (
-    *json_keys(InferenceRequest),
-    *(json.dumps(name).encode() for name in ("binary_data_size", "binary_data", "binary_data_output")),
+_KEYS = frozenset(
+    (
+        *json_keys(InferenceRequest),
+        *(json.dumps(name).encode() for name in ("binary_data_size", "binary_data", "binary_data_output")),
+    )
 )
 
 
@@ -465,7 +467,7 @@ def _parse(header: BodyBytes, *, framed: bool) -> InferenceRequest:
     # Names of the free-form parameters are known only once parsed, and one given twice lost a value in the
     # parse: parsed again for them (once: a scan of the body per name, on the event loop, would cost as
     # many times as a client sends names).
-    if not _parameter_names(request) <= set(_KEYS):
+    if not _parameter_names(request) <= _KEYS:
         problem = first_repeated_key(header)
         if problem is not None:
             raise _invalid(problem)
